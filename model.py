@@ -1,0 +1,420 @@
+"""The models: a hand-written GPT-2, parameter-efficient adapters, and the DistilRNN student.
+
+Read top to bottom: config -> attention -> MLP -> Block -> GPT (+ classifier) -> adapters.
+Everything here is plain PyTorch; files and the hub are utils.py's business.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# --------------------------------------------------------------------------- GPT-2
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024   # longest sequence (GPT-2's n_positions)
+    vocab_size: int = 50257
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.1     # GPT-2 uses one rate for embeddings, residuals and attention
+    bias: bool = True
+    layer_norm_epsilon: float = 1e-5
+
+
+# Named checkpoints on the Hugging Face hub and their shapes.
+PRETRAINED = {
+    "gpt2":        ("openai-community/gpt2",        dict(n_layer=12, n_head=12, n_embd=768)),   # 124M
+    "gpt2-medium": ("openai-community/gpt2-medium", dict(n_layer=24, n_head=16, n_embd=1024)),  # 350M
+    "gpt2-large":  ("openai-community/gpt2-large",  dict(n_layer=36, n_head=20, n_embd=1280)),  # 774M
+    "gpt2-xl":     ("openai-community/gpt2-xl",     dict(n_layer=48, n_head=25, n_embd=1600)),  # 1558M
+    "distilgpt2":  ("distilbert/distilgpt2",        dict(n_layer=6, n_head=12, n_embd=768)),    # 82M
+}
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0, "n_embd must split evenly into heads"
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
+
+    def forward(self, x, mask=None, cache=None, pos=0):
+        """x: (B, T, C). mask: None (plain causal) or a boolean (B, 1, T, T) 'may attend' mask.
+        cache: None or a (k, v) pair of preallocated (B, nh, block_size, hs) tensors that this call
+        fills at positions pos..pos+T-1 and then attends over (the KV cache of generation)."""
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if cache is not None:
+            assert pos == 0 or T == 1, "the cache is filled by one prefill, then one token at a time"
+            cache[0][:, :, pos:pos + T] = k
+            cache[1][:, :, pos:pos + T] = v
+            k, v = cache[0][:, :, :pos + T], cache[1][:, :, :pos + T]
+        dropout = self.dropout if self.training else 0.0
+        if mask is not None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        else:
+            # One new token attends to everything before it: no mask needed.
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=T > 1)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        # GPT-2 uses the tanh approximation of GELU ("gelu_new"); the exact erf GELU differs by ~1e-3.
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, mask=None, cache=None, pos=0):
+        x = x + self.attn(self.ln_1(x), mask, cache, pos)
+        return x + self.mlp(self.ln_2(x))
+
+
+def padding_mask(attention_mask):
+    """(B, T) 1-for-real/0-for-pad -> boolean (B, 1, T, T) mask: causal AND key is real.
+    Every position may also see itself, so a pad row is never all-False (SDPA would give NaN);
+    real positions are unaffected, they see themselves anyway."""
+    T = attention_mask.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=attention_mask.device).tril()
+    mask = causal & attention_mask.bool()[:, None, None, :]
+    return mask | torch.eye(T, dtype=torch.bool, device=attention_mask.device)
+
+
+class GPT(nn.Module):
+    """GPT-2 with module names as in transformers (transformer.h.0.attn.c_attn, ...), so that
+    checkpoints load by name and adapters target the same names in ours and theirs."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # weight tying, as in GPT-2
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module):
+        # GPT-2's initialisation; only matters for models trained from scratch (tests, tiny demos).
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+    def hidden_states(self, idx, attention_mask=None, cache=None, pos=0):
+        """(B, T) token ids -> (B, T, n_embd) final hidden states (after ln_f)."""
+        B, T = idx.shape
+        assert pos + T <= self.config.block_size, f"sequence of {pos + T} tokens > block_size {self.config.block_size}"
+        positions = torch.arange(pos, pos + T, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
+        # An all-ones mask is plain causal attention: take SDPA's faster is_causal path.
+        mask = None if attention_mask is None or bool(attention_mask.all()) else padding_mask(attention_mask)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, mask, None if cache is None else cache[i], pos)
+        return self.transformer.ln_f(x)
+
+    def forward(self, idx, attention_mask=None):
+        """Language-model logits (B, T, vocab_size)."""
+        return self.lm_head(self.hidden_states(idx, attention_mask))
+
+    def new_cache(self, batch_size, length=None):
+        """One preallocated (k, v) pair per layer, so decoding never copies the past."""
+        c = self.config
+        length = length or c.block_size
+        p = self.lm_head.weight
+        shape = (batch_size, c.n_head, length, c.n_embd // c.n_head)
+        return [(torch.empty(shape, dtype=p.dtype, device=p.device),
+                 torch.empty(shape, dtype=p.dtype, device=p.device)) for _ in range(c.n_layer)]
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                 generator=None, eos_token_id=None):
+        """Yields (B,) tensors of new token ids, one step at a time, with a KV cache.
+        temperature 0 = greedy. Stops after max_new_tokens, at the block size, or when every
+        row has produced eos_token_id (if given)."""
+        B, T = idx.shape
+        max_new_tokens = min(max_new_tokens, self.config.block_size - T)
+        if max_new_tokens <= 0:
+            return
+        cache = self.new_cache(B, T + max_new_tokens)
+        # Prefill: only the last position's logits are needed.
+        logits = self.lm_head(self.hidden_states(idx, cache=cache)[:, -1])
+        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        for step in range(max_new_tokens):
+            nxt = sample_next(logits.float(), temperature, top_k, top_p, generator)
+            yield nxt
+            if eos_token_id is not None:
+                done |= nxt == eos_token_id
+                if bool(done.all()):
+                    return
+            if step + 1 < max_new_tokens:
+                logits = self.lm_head(self.hidden_states(nxt[:, None], cache=cache, pos=T + step)[:, -1])
+
+    @classmethod
+    def from_state_dict(cls, config, sd, **kwargs):
+        """Build from a transformers GPT-2 state dict (names with or without 'transformer.' prefix).
+        Every tensor must map and match in shape: a partial load is an error, never silent."""
+        model = cls(config, **kwargs)
+        ours = {k: v for k, v in model.state_dict().items()
+                if k.startswith("transformer.") and not k.endswith(".attn.bias")}
+        theirs = {}
+        for k, v in sd.items():
+            k = k if k.startswith("transformer.") or k == "lm_head.weight" else "transformer." + k
+            # Buffers (causal-mask 'bias', 'masked_bias') and the tied lm_head carry no weights of their own.
+            if k.endswith((".attn.bias", ".attn.masked_bias")) or k == "lm_head.weight":
+                continue
+            theirs[k] = v
+        missing, unexpected = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
+        if missing or unexpected:
+            raise ValueError(f"checkpoint does not match a GPT-2 of this shape: missing {missing[:8]}"
+                             f"{' ...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
+                             f"{' ...' if len(unexpected) > 8 else ''}")
+        conv1d = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
+        with torch.no_grad():
+            for k, target in ours.items():
+                src = theirs[k]
+                if k.endswith(conv1d):
+                    src = src.t()  # transformers' Conv1D stores the weight as (in, out); nn.Linear as (out, in)
+                if src.shape != target.shape:
+                    raise ValueError(f"checkpoint tensor {k} has shape {tuple(src.shape)}, "
+                                     f"expected {tuple(target.shape)}")
+                target.copy_(src)
+        return model
+
+
+class GPTClassifier(GPT):
+    """GPT-2 + a bias-free linear head on the last real token, like transformers'
+    GPT2ForSequenceClassification (same module name, `score`, so its weights map both ways)."""
+
+    def __init__(self, config, num_labels=2):
+        super().__init__(config)
+        self.score = nn.Linear(config.n_embd, num_labels, bias=False)
+        nn.init.normal_(self.score.weight, std=0.02)
+
+    def forward(self, idx, attention_mask=None):
+        h = self.hidden_states(idx, attention_mask)  # (B, T, C)
+        if attention_mask is None:
+            last = torch.full((idx.shape[0],), idx.shape[1] - 1, device=idx.device)
+        else:
+            # Right padding: the last real token sits at (number of real tokens - 1).
+            last = attention_mask.long().sum(1) - 1
+        return self.score(h[torch.arange(idx.shape[0], device=idx.device), last])
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """(B, V) logits -> (B,) next token ids. temperature 0 means greedy."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest set whose mass reaches top_p
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+# --------------------------------------------------------------------------- adapters
+
+class LoRALinear(nn.Module):
+    """base(x) + B(A(dropout(x))) * scaling, with the base layer frozen.
+    B starts at zero, so injecting an adapter never changes the model's outputs."""
+
+    def __init__(self, base: nn.Linear, r=4, alpha=4.0, dropout=0.0, rslora=False):
+        super().__init__()
+        assert r > 0, "LoRA rank must be positive"
+        self.base = base
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=base.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=base.weight.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear initialises its weight
+        self.dropout = nn.Dropout(dropout)
+        self.r, self.alpha, self.rslora = r, alpha, rslora
+        self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
+        self.merged = False
+
+    def delta_weight(self):
+        return (self.lora_B @ self.lora_A) * self.scaling
+
+    @torch.no_grad()
+    def merge(self):
+        """Fold B·A·scaling into the base weight: inference at the base layer's speed."""
+        if not self.merged:
+            self.base.weight += self.delta_weight().to(self.base.weight.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if self.merged:
+            self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
+            self.merged = False
+
+    def forward(self, x):
+        y = self.base(x)
+        if self.merged:
+            return y
+        return y + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling
+
+    def extra_repr(self):
+        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, merged={self.merged}"
+
+
+class IA3Linear(nn.Module):
+    """(IA)^3: a learned vector, initialised to ones (a no-op), that rescales the layer's output,
+    or, for feed-forward layers, its input."""
+
+    def __init__(self, base: nn.Linear, feedforward=False):
+        super().__init__()
+        self.base = base
+        self.feedforward = feedforward
+        n = base.in_features if feedforward else base.out_features
+        self.ia3_l = nn.Parameter(torch.ones(n, device=base.weight.device))
+        self.merged = False
+
+    @torch.no_grad()
+    def merge(self):
+        if not self.merged:
+            if self.feedforward:
+                self.base.weight *= self.ia3_l[None, :]
+            else:
+                self.base.weight *= self.ia3_l[:, None]
+                if self.base.bias is not None:
+                    self.base.bias *= self.ia3_l
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if self.merged:  # exact up to rounding while no entry of ia3_l is zero
+            if self.feedforward:
+                self.base.weight /= self.ia3_l[None, :]
+            else:
+                self.base.weight /= self.ia3_l[:, None]
+                if self.base.bias is not None:
+                    self.base.bias /= self.ia3_l
+            self.merged = False
+
+    def forward(self, x):
+        if self.merged:
+            return self.base(x)
+        if self.feedforward:
+            return self.base(x * self.ia3_l)
+        return self.base(x) * self.ia3_l
+
+    def extra_repr(self):
+        return f"feedforward={self.feedforward}, merged={self.merged}"
+
+
+ADAPTERS = (LoRALinear, IA3Linear)
+GPT2_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+
+
+def _matches(name, targets):
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def inject_adapters(model, kind="lora", target_modules=GPT2_TARGETS, feedforward_modules=(),
+                    r=4, alpha=4.0, dropout=0.0, rslora=False):
+    """Replace every nn.Linear whose qualified name ends with one of target_modules by an adapter
+    around it. Works on any nn.Module tree (ours, or a transformers model). Returns the names."""
+    assert kind in ("lora", "ia3"), f"unknown adapter kind {kind!r}"
+    names = [n for n, m in model.named_modules()
+             if isinstance(m, nn.Linear) and not isinstance(m, ADAPTERS) and _matches(n, target_modules)]
+    if not names:
+        linears = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise ValueError(f"no nn.Linear matches target modules {list(target_modules)}; "
+                         f"this model's linear layers end in {linears}")
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        base = getattr(parent, child)
+        if kind == "lora":
+            adapter = LoRALinear(base, r=r, alpha=alpha, dropout=dropout, rslora=rslora)
+        else:
+            adapter = IA3Linear(base, feedforward=_matches(name, feedforward_modules))
+        setattr(parent, child, adapter)
+    return names
+
+
+def adapter_modules(model):
+    return [m for m in model.modules() if isinstance(m, ADAPTERS)]
+
+
+def merge_adapters(model, merge=True):
+    for m in adapter_modules(model):
+        m.merge() if merge else m.unmerge()
+
+
+def remove_adapters(model):
+    """Undo inject_adapters: put each adapter's (unmerged) base layer back in its place."""
+    for name, m in list(model.named_modules()):
+        if isinstance(m, ADAPTERS):
+            m.unmerge()
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, m.base)
+
+
+def mark_trainable(model, train_layernorm=True, head_names=("score",)):
+    """Freeze everything, then unfreeze the adapters, the layer norms (optional) and the heads.
+    Returns the names of the trainable parameters."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for m in adapter_modules(model):
+        for n, p in m.named_parameters():
+            if not n.startswith("base."):
+                p.requires_grad_(True)
+    for name, m in model.named_modules():
+        if (train_layernorm and isinstance(m, nn.LayerNorm)) or name.split(".")[-1] in head_names:
+            for p in m.parameters():
+                p.requires_grad_(True)
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+# --------------------------------------------------------------------------- the student
+
+class DistilRNN(nn.Module):
+    """A small bidirectional GRU classifier: the student of distillation and the from-scratch baseline."""
+
+    def __init__(self, vocab_size, num_labels=2, emb_dim=128, hidden=256, n_layers=1, dropout=0.1):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, emb_dim)
+        self.rnn = nn.GRU(emb_dim, hidden, num_layers=n_layers, batch_first=True, bidirectional=True,
+                          dropout=dropout if n_layers > 1 else 0.0)
+        self.dropout = nn.Dropout(dropout)
+        self.score = nn.Linear(2 * hidden, num_labels)
+
+    def forward(self, idx, attention_mask=None):
+        lengths = (attention_mask.sum(1) if attention_mask is not None
+                   else torch.full((idx.shape[0],), idx.shape[1])).cpu()
+        packed = nn.utils.rnn.pack_padded_sequence(self.embed(idx), lengths, batch_first=True,
+                                                   enforce_sorted=False)
+        _, h = self.rnn(packed)  # h: (n_layers * 2, B, hidden)
+        return self.score(self.dropout(torch.cat([h[-2], h[-1]], dim=1)))

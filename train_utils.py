@@ -1,0 +1,210 @@
+"""One training loop for every mode (LoRA, distil, rnn), the losses, the metrics and the plots."""
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from utils import atomic_write
+
+
+# --------------------------------------------------------------------------- metrics and losses
+
+def classification_metrics(preds, labels):
+    """Accuracy and Matthews correlation (CoLA's official metric: 0 for any constant predictor)."""
+    preds, labels = preds.long(), labels.long()
+    tp = int(((preds == 1) & (labels == 1)).sum())
+    tn = int(((preds == 0) & (labels == 0)).sum())
+    fp = int(((preds == 1) & (labels == 0)).sum())
+    fn = int(((preds == 0) & (labels == 1)).sum())
+    denom = math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+    return {"acc": (tp + tn) / max(1, len(labels)), "mcc": (tp * tn - fp * fn) / denom if denom else 0.0}
+
+
+def ce_loss(logits, batch):
+    return F.cross_entropy(logits.float(), batch["labels"])
+
+
+def kd_loss(logits, batch, temperature=2.0, alpha=0.5):
+    """Hinton's distillation loss: alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(labels).
+    The T^2 keeps the soft term's gradients on the scale of the hard term's as T grows."""
+    t = temperature
+    soft = F.kl_div(F.log_softmax(logits.float() / t, -1), F.log_softmax(batch["teacher_logits"].float() / t, -1),
+                    log_target=True, reduction="batchmean") * t * t
+    return alpha * soft + (1 - alpha) * ce_loss(logits, batch)
+
+
+# --------------------------------------------------------------------------- the loop
+
+@dataclass
+class TrainConfig:
+    epochs: int = 5
+    lr: float = 1e-3
+    batch_size: int = 32
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.06
+    grad_clip: float = 1.0
+    seed: int = 0
+    eval_batch_size: int = 128
+
+
+def to_device(batch, device):
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate(model, examples, device, batch_size=128, loss_fn=ce_loss, amp_dtype=None, desc="eval"):
+    model.eval()
+    total_loss, preds = 0.0, []
+    for batch in tqdm(examples.batches(batch_size), total=math.ceil(len(examples) / batch_size),
+                      desc=desc, leave=False, dynamic_ncols=True):
+        batch = to_device(batch, device)
+        with autocast(device, amp_dtype):
+            logits = model(batch["input_ids"], batch["attention_mask"])
+        total_loss += float(loss_fn(logits, batch)) * len(batch["labels"])
+        preds.append(logits.argmax(-1).cpu())
+    return {"loss": total_loss / len(examples), **classification_metrics(torch.cat(preds), examples.labels)}
+
+
+def autocast(device, dtype):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def trainable_state(model):
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def fit(model, train, dev, cfg, device, out_dir, loss_fn=ce_loss, amp_dtype=None, resume=False,
+        on_epoch_end=None, on_best=None, stop_after_epoch=None):
+    """Train the parameters of `model` that require grad; after each epoch evaluate on dev, append
+    the epoch's metrics to out_dir/metrics.jsonl, call on_epoch_end(history) (plots), call
+    on_best(model, metrics) when dev MCC improves (save the adapter), and save out_dir/last.pt, from
+    which resume=True continues with exactly the numbers an uninterrupted run gives.
+    Returns the history: one dict of metrics per epoch."""
+    out_dir = Path(out_dir)
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert params, "nothing to train: every parameter is frozen"
+    # Weight decay on matrices only; biases, layer norms and IA3 vectors are left alone.
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    warmup = int(cfg.warmup_ratio * total)
+
+    def lr_lambda(step):  # linear warm-up, then linear decay to zero
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    history, start_epoch, best_mcc = [], 0, -float("inf")
+
+    ckpt_path = out_dir / "last.pt"
+    if resume and ckpt_path.is_file():
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        missing = set(ckpt["trainable"]) ^ {n for n, p in model.named_parameters() if p.requires_grad}
+        if missing or ckpt["config"] != asdict(cfg):
+            from utils import UserError
+            raise UserError(f"--resume: {ckpt_path} was written by a run with other settings "
+                            f"({'other trainable parameters' if missing else 'config ' + str(ckpt['config'])}); "
+                            f"rerun with the same flags, or delete {out_dir} to start afresh.")
+        model.load_state_dict(ckpt["trainable"], strict=False)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        torch.set_rng_state(ckpt["rng"])
+        history, start_epoch, best_mcc = ckpt["history"], ckpt["epoch"] + 1, ckpt["best_mcc"]
+        print(f"resumed from {ckpt_path} after epoch {start_epoch} of {cfg.epochs}")
+    elif resume:
+        print(f"--resume: no checkpoint at {ckpt_path}; starting from epoch 1")
+
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        t0, seen, loss_sum, correct = time.time(), 0, 0.0, 0
+        bar = tqdm(train.batches(cfg.batch_size, shuffle=True, seed=cfg.seed * 1000 + epoch),
+                   total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True)
+        for batch in bar:
+            batch = to_device(batch, device)
+            with autocast(device, amp_dtype):
+                logits = model(batch["input_ids"], batch["attention_mask"])
+            loss = loss_fn(logits, batch)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            n = len(batch["labels"])
+            seen += n
+            loss_sum += loss.item() * n
+            correct += int((logits.argmax(-1) == batch["labels"]).sum())
+            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
+        train_time = time.time() - t0
+        rng = torch.get_rng_state()  # evaluation must not move the training's random stream
+        dev_metrics = evaluate(model, dev, device, cfg.eval_batch_size, loss_fn=ce_loss, amp_dtype=amp_dtype)
+        torch.set_rng_state(rng)
+        row = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": correct / seen,
+               "dev_loss": dev_metrics["loss"], "dev_acc": dev_metrics["acc"], "dev_mcc": dev_metrics["mcc"],
+               "lr": scheduler.get_last_lr()[0], "train_sentences_per_s": seen / train_time}
+        history.append(row)
+        print(f"epoch {epoch + 1}/{cfg.epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  |  "
+              f"dev loss {row['dev_loss']:.4f} acc {row['dev_acc']:.4f} MCC {row['dev_mcc']:.4f}  |  "
+              f"{row['train_sentences_per_s']:.1f} sent/s", flush=True)
+        if row["dev_mcc"] > best_mcc:
+            best_mcc = row["dev_mcc"]
+            if on_best:
+                on_best(model, row)
+        write_metrics(out_dir / "metrics.jsonl", history)
+        if on_epoch_end:
+            on_epoch_end(history)
+        state = {"epoch": epoch, "trainable": trainable_state(model), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": torch.get_rng_state(),
+                 "history": history, "best_mcc": best_mcc, "config": asdict(cfg)}
+        atomic_write(ckpt_path, lambda tmp: torch.save(state, tmp))
+        if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
+            break  # tests use this to stand for a run killed between epochs
+    return history
+
+
+def write_metrics(path, history):
+    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in history)))
+
+
+# --------------------------------------------------------------------------- plots
+
+def write_plots(history, prefix, title, baseline_acc=None):
+    """prefix_loss.png (train/dev loss) and prefix_acc.png (train/dev accuracy and dev MCC), rewritten
+    after every epoch so a user can watch them."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in history]
+    paths = []
+    for kind, series in (("loss", [("train_loss", "train loss"), ("dev_loss", "dev loss")]),
+                         ("acc", [("train_acc", "train accuracy"), ("dev_acc", "dev accuracy"),
+                                  ("dev_mcc", "dev MCC")])):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for key, label in series:
+            ax.plot(epochs, [r[key] for r in history], marker="o", label=label)
+        if kind == "acc" and baseline_acc is not None:
+            ax.axhline(baseline_acc, color="grey", linestyle="--", label=f"majority class ({baseline_acc:.3f})")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("loss" if kind == "loss" else "accuracy / MCC")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = Path(f"{prefix}_{kind}.png")
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
+        plt.close(fig)
+        paths.append(path)
+    return paths
