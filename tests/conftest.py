@@ -1,0 +1,51 @@
+"""Shared fixtures: checkpoints that transformers itself writes (random weights), and the data in
+../shared/data when it is there (tests that need it skip cleanly when it is not)."""
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+# Nothing in the tests may wait on the hub; the one test of the online path unsets this itself.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("SHARED_DATA", ROOT.parent / "shared" / "data"))
+TOKENIZER_DIR = SHARED / "gpt2-tokenizer"
+COLA_DIR = SHARED / "cola" / "raw"
+
+
+def needs(path):
+    return pytest.mark.skipif(not path.exists(), reason=f"{path} is not here")
+
+
+needs_tokenizer = needs(TOKENIZER_DIR / "vocab.json")
+needs_cola = needs(COLA_DIR / "in_domain_train.tsv")
+
+
+def save_hf_gpt2(path, seed=0, with_tokenizer=True, **shape):
+    """A GPT-2 checkpoint written by transformers' own save_pretrained (random weights)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(seed)
+    GPT2LMHeadModel(GPT2Config(**shape)).save_pretrained(path)
+    if with_tokenizer and TOKENIZER_DIR.exists():
+        for name in ("vocab.json", "merges.txt"):
+            shutil.copy(TOKENIZER_DIR / name, path / name)
+    return path
+
+
+TINY = dict(n_layer=2, n_head=4, n_embd=64, n_positions=256)  # full GPT-2 vocabulary, so the real tokenizer fits
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    return save_hf_gpt2(tmp_path_factory.mktemp("tiny-gpt2"), **TINY)
+
+
+@pytest.fixture(scope="session")
+def gpt2_dir(tmp_path_factory):
+    """The real gpt2 shape: 12 layers, 768 wide, 50257 tokens (124M random weights)."""
+    return save_hf_gpt2(tmp_path_factory.mktemp("gpt2-shape"))
