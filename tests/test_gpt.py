@@ -1,0 +1,234 @@
+"""Our GPT-2 must be transformers' GPT-2: same logits, same greedy tokens, strict loading, and a
+`gen` mode that works offline from a local directory and fails cleanly without weights."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import ROOT, TINY, needs_tokenizer, save_hf_gpt2
+from model import GPT, padding_mask
+from utils import UserError, load_gpt
+
+
+def hf_model(path):
+    from transformers import GPT2LMHeadModel
+    return GPT2LMHeadModel.from_pretrained(path).eval()
+
+
+def padded_batch(vocab, lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    T = max(lengths)
+    ids = torch.randint(0, vocab, (len(lengths), T), generator=g)
+    mask = torch.zeros(len(lengths), T, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+        ids[i, n:] = 50256 % vocab  # pad = EOS, as in GPT-2 practice
+    return ids, mask
+
+
+def assert_logits_match(path, vocab, lengths):
+    ours, theirs = load_gpt(str(path)).eval(), hf_model(path)
+    ids, mask = padded_batch(vocab, lengths)
+    with torch.no_grad():
+        a = ours(ids, mask)
+        b = theirs(input_ids=ids, attention_mask=mask).logits
+    real = mask.bool()
+    diff = (a - b).abs()[real].max().item()
+    assert diff <= 1e-4, f"max |ours - transformers| at real positions = {diff}"
+    return ours, ids, mask, a
+
+
+def test_logits_match_transformers_tiny_padded(tiny_dir):
+    assert_logits_match(tiny_dir, 50257, [17, 9, 3, 12])
+
+
+def test_logits_match_transformers_gpt2_shape(gpt2_dir):
+    ours, *_ = assert_logits_match(gpt2_dir, 50257, [24, 11, 5])
+    assert sum(p.numel() for p in ours.parameters()) == 124_439_808  # GPT-2 small, lm_head tied
+
+
+def test_padding_does_not_leak(tiny_dir):
+    ours, ids, mask, batched = assert_logits_match(tiny_dir, 50257, [15, 4, 9])
+    with torch.no_grad():
+        for i in range(ids.shape[0]):
+            n = int(mask[i].sum())
+            alone = ours(ids[i:i + 1, :n])[0]
+            assert torch.allclose(alone, batched[i, :n], atol=1e-5), f"row {i} changed by padding"
+
+
+def test_padding_mask_never_empty_rows():
+    mask = padding_mask(torch.tensor([[0, 0, 1, 1], [1, 1, 0, 0]]))  # left- and right-padded
+    assert mask.any(-1).all(), "an all-False row makes SDPA return NaN"
+
+
+def test_greedy_generation_matches_transformers(gpt2_dir):
+    ours, theirs = load_gpt(str(gpt2_dir)).eval(), hf_model(gpt2_dir)
+    prompt = torch.tensor([[464, 3290, 286, 1204, 318]])
+    new = 80
+    expected = theirs.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                               max_new_tokens=new, min_new_tokens=new, pad_token_id=50256)[0, prompt.shape[1]:]
+    got = torch.stack(list(ours.generate(prompt, new, temperature=0)), 1)[0]
+    assert got.tolist() == expected.tolist()
+
+
+def test_kv_cache_equals_full_recompute(tiny_dir):
+    model = load_gpt(str(tiny_dir)).eval()
+    ids = torch.tensor([[10, 20, 30]])
+    got = torch.stack(list(model.generate(ids, 30, temperature=0)), 1)
+    seq = ids
+    with torch.no_grad():
+        for _ in range(30):
+            seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], 1)
+    assert got.tolist() == seq[:, 3:].tolist()
+
+
+def test_generation_stops_at_block_size(tiny_dir):
+    model = load_gpt(str(tiny_dir)).eval()
+    ids = torch.zeros(1, TINY["n_positions"] - 4, dtype=torch.long)
+    assert len(list(model.generate(ids, 100, temperature=0))) == 4
+
+
+def test_sampling_reproducible_by_seed(tiny_dir):
+    model = load_gpt(str(tiny_dir)).eval()
+    ids = torch.tensor([[1, 2, 3]])
+
+    def sample(seed, **kw):
+        g = torch.Generator().manual_seed(seed)
+        return torch.stack(list(model.generate(ids, 40, temperature=1.0, generator=g, **kw)), 1).tolist()
+
+    assert sample(12345) == sample(12345)
+    assert sample(12345) != sample(54321)
+    assert sample(7, top_k=5, top_p=0.9) == sample(7, top_k=5, top_p=0.9)
+
+
+def test_top_k_and_top_p_restrict_the_choice():
+    from model import sample_next
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]])
+    g = torch.Generator().manual_seed(0)
+    picks = {int(sample_next(logits, 1.0, top_k=2, generator=g)) for _ in range(200)}
+    assert picks == {0, 1}
+    # softmax mass: 0.636, 0.234, 0.086, ...: top_p 0.7 keeps the first two
+    picks = {int(sample_next(logits, 1.0, top_p=0.7, generator=g)) for _ in range(200)}
+    assert picks == {0, 1}
+    assert int(sample_next(logits, 0)) == 0
+
+
+def test_missing_tensor_is_an_error(tiny_dir, tmp_path):
+    bad = save_hf_gpt2(tmp_path / "bad", with_tokenizer=False, **TINY)
+    sd = load_file(bad / "model.safetensors")
+    missing = "transformer.h.1.mlp.c_fc.weight"
+    sd.pop(missing)
+    save_file(sd, bad / "model.safetensors")
+    with pytest.raises(UserError, match=r"missing \['transformer\.h\.1\.mlp\.c_fc\.weight'\]"):
+        load_gpt(str(bad))
+
+
+def test_misshaped_tensor_is_an_error(tmp_path):
+    bad = save_hf_gpt2(tmp_path / "bad", with_tokenizer=False, **TINY)
+    sd = load_file(bad / "model.safetensors")
+    sd["transformer.h.0.attn.c_proj.weight"] = torch.zeros(64, 32)
+    save_file(sd, bad / "model.safetensors")
+    with pytest.raises(UserError, match="transformer.h.0.attn.c_proj.weight has shape"):
+        load_gpt(str(bad))
+
+
+def test_unexpected_tensor_is_an_error(tmp_path):
+    bad = save_hf_gpt2(tmp_path / "bad", with_tokenizer=False, **TINY)
+    sd = load_file(bad / "model.safetensors")
+    sd["transformer.h.2.ln_1.weight"] = torch.ones(64)
+    save_file(sd, bad / "model.safetensors")
+    with pytest.raises(UserError, match=r"unexpected \['transformer\.h\.2\.ln_1\.weight'\]"):
+        load_gpt(str(bad))
+
+
+def test_pytorch_bin_checkpoint_loads(tiny_dir, tmp_path):
+    d = tmp_path / "bin"
+    d.mkdir()
+    (d / "config.json").write_text((tiny_dir / "config.json").read_text())
+    torch.save(load_file(tiny_dir / "model.safetensors"), d / "pytorch_model.bin")
+    a, b = load_gpt(str(d)), load_gpt(str(tiny_dir))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_distilgpt2_shape_loads(tmp_path):
+    d = save_hf_gpt2(tmp_path / "distil", with_tokenizer=False, n_layer=6, n_head=12, n_embd=96)
+    assert len(load_gpt(str(d)).transformer.h) == 6
+    assert json.loads((d / "config.json").read_text())["n_layer"] == 6
+
+
+# --------------------------------------------------------------------------- the gen command
+
+def run_cli(*args, env=None):
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.run([sys.executable, "run.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          env=full_env, timeout=300)
+
+
+@needs_tokenizer
+def test_gen_cli_prints_text_and_is_reproducible(tiny_dir):
+    args = ["gen", "12345", "--model", str(tiny_dir), "--max-new-tokens", "20", "--prompt", "The meaning of life is"]
+    first, second = run_cli(*args), run_cli(*args)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.startswith("The meaning of life is")
+    assert len(first.stdout) > len("The meaning of life is") + 20
+    assert first.stdout == second.stdout
+    other = run_cli(*args[:1], "54321", *args[2:])
+    assert other.returncode == 0 and other.stdout != first.stdout
+
+
+@needs_tokenizer
+def test_gen_cli_greedy_and_samples(tiny_dir):
+    out = run_cli("gen", "1", "--model", str(tiny_dir), "--temperature", "0", "--num-samples", "2",
+                  "--max-new-tokens", "8")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("----- sample") == 2
+    s1, s2 = out.stdout.split("----- sample 2 of 2 -----")
+    assert s1.split("-----")[-1].strip() == s2.strip()  # greedy: both samples identical
+
+
+def test_gen_cli_offline_error_without_weights():
+    out = run_cli("gen", "12345")
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    assert out.stderr.startswith("error: could not get the weights of model 'gpt2'")
+    assert "--model /path/to/dir" in out.stderr
+
+
+def test_gen_cli_hub_unreachable_error():
+    """The real online path: not cached, hub tried and unreachable (no network here) -> same clean error."""
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env["HF_HOME"] = "/nonexistent-hf-home"  # make sure nothing is cached
+    out = subprocess.run([sys.executable, "run.py", "gen", "1", "--model", "no-such-org-xyz/no-such-model"],
+                         cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr
+    assert "no-such-org-xyz/no-such-model" in out.stderr and "--model /path/to/dir" in out.stderr
+
+
+def test_gen_cli_missing_tokenizer_error(tmp_path):
+    d = save_hf_gpt2(tmp_path / "notok", with_tokenizer=False, **TINY)
+    out = run_cli("gen", "1", "--model", str(d))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "no GPT-2 tokenizer" in out.stderr and "--tokenizer" in out.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["gen", "abc"], "SR must be a non-negative integer"),
+    (["gen", "-5"], "SR must be a non-negative integer"),
+    (["gen", "1", "--model", "/no/such/dir"], "no such directory"),
+    (["gen", "1", "--temperature", "-1", "--model", "/no/such/dir"], "--temperature must be >= 0"),
+    (["gen", "1", "--device", "cuda"], "no CUDA GPU"),
+])
+def test_gen_cli_bad_input(args, message):
+    out = run_cli(*args)
+    assert out.returncode == 2
+    assert message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_later_modes_say_not_yet_implemented():
+    out = run_cli("distil", "1")
+    assert out.returncode == 2 and "not yet implemented" in out.stderr
