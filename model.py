@@ -360,6 +360,7 @@ def inject_adapters(model, kind="lora", target_modules=GPT2_TARGETS, feedforward
             adapter = LoRALinear(base, r=r, alpha=alpha, dropout=dropout, rslora=rslora)
         else:
             adapter = IA3Linear(base, feedforward=_matches(name, feedforward_modules))
+        adapter.train(base.training)  # a model in eval mode stays so: no LoRA dropout at inference
         setattr(parent, child, adapter)
     return names
 

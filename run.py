@@ -202,8 +202,11 @@ def cmd_lora(args):
 
     model = load_gpt(args.model, cls=GPTClassifier, num_labels=2)
     total = sum(p.numel() for p in model.parameters())
-    inject_adapters(model, args.peft, targets, feedforward, r=args.lora_rank, alpha=alpha,
-                    dropout=args.lora_dropout, rslora=args.rslora)
+    try:
+        inject_adapters(model, args.peft, targets, feedforward, r=args.lora_rank, alpha=alpha,
+                        dropout=args.lora_dropout, rslora=args.rslora)
+    except ValueError as e:  # no layer matches --target-modules: the user's to fix, not a crash
+        raise UserError(f"--target-modules {' '.join(targets)}: {e}. Name layers by suffix, e.g. attn.c_attn.")
     mark_trainable(model, train_layernorm=not args.no_train_layernorm)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"parameters: {total:,} in {args.model}; trainable with {args.peft.upper()}: {trainable:,} "

@@ -400,9 +400,13 @@ def attach_adapter(model, settings, tensors, head_names=("score",)):
     """Inject the adapter that `settings` describes into `model` and load its tensors. Every tensor must
     find its parameter, except heads the model lacks (a classifier's `score` when generating)."""
     from model import inject_adapters, mark_trainable
-    inject_adapters(model, settings["kind"], settings["target_modules"], settings.get("feedforward_modules") or (),
-                    r=settings.get("r", 4), alpha=settings.get("lora_alpha", 4), dropout=settings.get("lora_dropout", 0.0),
-                    rslora=settings.get("use_rslora", False))
+    try:
+        inject_adapters(model, settings["kind"], settings["target_modules"], settings.get("feedforward_modules") or (),
+                        r=settings.get("r", 4), alpha=settings.get("lora_alpha", 4),
+                        dropout=settings.get("lora_dropout", 0.0), rslora=settings.get("use_rslora", False))
+    except ValueError as e:  # the adapter's target_modules name no layer of this model
+        raise UserError(f"the adapter does not fit this model ({e}): it was trained on another architecture; "
+                        f"pass the base model it was trained on with --model.")
     names = set(mark_trainable(model, train_layernorm=False, head_names=head_names))
     params = dict(model.named_parameters())
     state = {}

@@ -1,0 +1,333 @@
+"""The command line of the LoRA issue, as a user runs it: `python run.py LoRA|predict|gen ...` in a
+subprocess on the tiny random GPT-2 (with the real tokenizer) and the real CoLA files."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import COLA_DIR, ROOT, needs_cola, needs_tokenizer
+
+COLA_LABELS = ["unacceptable", "acceptable"]
+TIMING = "train_sentences_per_s"
+SENTENCES = ["The cat sat on the mat.", "Mat the on sat cat the.", "Colorless green ideas sleep furiously."]
+
+
+def run(*args, env=None):
+    """python run.py ARGS from the repository root, offline; returns the CompletedProcess."""
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                "OMP_NUM_THREADS": "1", **(env or {})}  # one thread: tiny models, and no oversubscription
+    return subprocess.run([sys.executable, "run.py", *map(str, args)], cwd=ROOT, env=full_env, capture_output=True,
+                          text=True, errors="replace", timeout=600)
+
+
+def ok(proc):
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def user_error(proc):
+    """Exit 2, one 'error:' paragraph on stderr, no traceback. Returns the message."""
+    assert proc.returncode == 2, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, proc.stderr
+    assert proc.stderr.startswith("error: "), proc.stderr
+    assert proc.stderr.strip().count("\n") == 0, f"not one paragraph: {proc.stderr}"
+    return proc.stderr
+
+
+def lora_args(tiny_dir, out, plots, data_dir=COLA_DIR, seed=7, *extra):
+    return ["LoRA", seed, "--model", tiny_dir, "--data-dir", data_dir, "--limit-train", 200, "--epochs", 1,
+            "--out-dir", out, "--plots-dir", plots, *extra]
+
+
+def metrics(out_dir):
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def load_tensors(path):
+    from safetensors.torch import load_file
+    return load_file(path)
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_dir, tmp_path_factory):
+    """One `run.py LoRA 7` on the tiny model and 200 CoLA sentences, shared by the tests below."""
+    tmp = tmp_path_factory.mktemp("lora-cli")
+    proc = ok(run(*lora_args(tiny_dir, tmp / "out", tmp / "plots", COLA_DIR, 7, "--export-peft", tmp / "peft")))
+    return tmp, proc
+
+
+def write_cola(data_dir, bad_train_row=None, train_rows=24, dev_rows=12):
+    """A CoLA-format data dir in data_dir (real sentences), with an optional bad row as line 5 of the train file."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    source = COLA_DIR / "in_domain_train.tsv"
+    real = source.read_bytes().splitlines(keepends=True) if source.is_file() else None
+    if real is None:  # without the real files, simple made-up rows
+        real = [f"x\t{i % 2}\t\tThe sentence number {i} is here.\n".encode() for i in range(train_rows + dev_rows)]
+    rows = real[:train_rows]
+    if bad_train_row is not None:
+        rows.insert(4, bad_train_row)
+    (data_dir / "in_domain_train.tsv").write_bytes(b"".join(rows))
+    (data_dir / "in_domain_dev.tsv").write_bytes(b"".join(real[train_rows:train_rows + dev_rows]))
+    return data_dir
+
+
+# --------------------------------------------------------------------------- run.py LoRA
+
+@needs_tokenizer
+@needs_cola
+def test_lora_writes_adapter_metrics_plots_and_counts(lora_run, tiny_dir):
+    tmp, proc = lora_run
+    out = tmp / "out"
+    for name in ("adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "run_config.json", "last.pt"):
+        assert (out / name).is_file(), name
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 4.0
+    assert config["target_modules"] == ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
+    assert config["modules_to_save"] == ["score", "ln_1", "ln_2", "ln_f"]
+    extras = json.loads((out / "run_config.json").read_text())
+    assert extras["model"] == str(tiny_dir) and extras["labels"] == COLA_LABELS and extras["seed"] == 7
+    rows = metrics(out)
+    assert len(rows) == 1 and rows[0]["epoch"] == 1
+    assert 0.0 <= rows[0]["dev_acc"] <= 1.0 and -1.0 <= rows[0]["dev_mcc"] <= 1.0
+    assert extras["best"] == rows[0]
+    # The tiny model: 2 layers of width 64, r=4: LoRA 8,192 + layer norms 640 + head 128.
+    tensors = load_tensors(out / "adapter_model.safetensors")
+    assert sum(t.numel() for t in tensors.values()) == 8_960
+    assert "trainable with LORA: 8,960 (" in proc.stdout
+    assert "CoLA: 200 training and 527 dev sentences" in proc.stdout
+    assert any(t.abs().max() > 0 for k, t in tensors.items() if k.endswith("lora_B.weight"))  # it trained
+    for kind in ("loss", "acc"):
+        png = (tmp / "plots" / f"LoRA_7_{kind}.png").read_bytes()
+        assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000
+        from PIL import Image
+        with Image.open(tmp / "plots" / f"LoRA_7_{kind}.png") as img:
+            img.verify()
+    # --export-peft: the same two files, and peft loads them to the same logits as ours.
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (tmp / "peft" / name).read_bytes() == (out / name).read_bytes()
+
+
+@needs_tokenizer
+@needs_cola
+def test_exported_adapter_loads_in_peft_with_our_logits(lora_run, tiny_dir):
+    from peft import PeftModel
+    from transformers import GPT2ForSequenceClassification
+    from model import GPTClassifier
+    from utils import attach_adapter, load_gpt, load_tokenizer, read_adapter
+    tmp, _ = lora_run
+    tok = load_tokenizer(tiny_dir)
+    enc = tok(SENTENCES, padding=True, return_tensors="pt")
+    theirs = PeftModel.from_pretrained(
+        GPT2ForSequenceClassification.from_pretrained(tiny_dir, num_labels=2, pad_token_id=tok.pad_token_id),
+        tmp / "peft").eval()
+    ours = load_gpt(tiny_dir, cls=GPTClassifier, num_labels=2).eval()
+    attach_adapter(ours, *read_adapter(tmp / "out")[:2])
+    with torch.no_grad():
+        a = ours(enc["input_ids"], enc["attention_mask"])
+        b = theirs(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+    assert (a - b).abs().max() < 1e-4
+    # The saved adapter is the one whose dev numbers metrics.jsonl reports.
+    from train_utils import evaluate
+    from utils import Examples, load_cola
+    dev = Examples.encode(tok, *load_cola(COLA_DIR)["dev"], 128)
+    got = evaluate(ours, dev, torch.device("cpu"))
+    row = metrics(tmp / "out")[0]
+    assert got["acc"] == row["dev_acc"] and got["mcc"] == pytest.approx(row["dev_mcc"], abs=1e-9)
+    assert got["loss"] == pytest.approx(row["dev_loss"], rel=1e-5)
+
+
+@needs_tokenizer
+@needs_cola
+def test_lora_cli_same_seed_same_run(lora_run, tiny_dir, tmp_path):
+    tmp, _ = lora_run
+    ok(run(*lora_args(tiny_dir, tmp_path / "out", tmp_path / "plots")))
+    strip = lambda rows: [{k: v for k, v in r.items() if k != TIMING} for r in rows]
+    assert strip(metrics(tmp_path / "out")) == strip(metrics(tmp / "out"))
+    a = load_tensors(tmp / "out" / "adapter_model.safetensors")
+    b = load_tensors(tmp_path / "out" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --------------------------------------------------------------------------- run.py predict and gen
+
+LINE = re.compile(r"^(acceptable|unacceptable) \((\d\.\d{3})\)\t(.+)$")
+
+
+def expected_probs(tiny_dir, adapter_dir, sentences):
+    """What predict should print for these sentences with this adapter: (label, probability) each."""
+    from model import GPTClassifier
+    from utils import attach_adapter, load_gpt, load_tokenizer, read_adapter
+    settings, tensors, extras = read_adapter(adapter_dir)
+    model = load_gpt(tiny_dir, cls=GPTClassifier, num_labels=2).eval()
+    attach_adapter(model, settings, tensors)
+    tok = load_tokenizer(tiny_dir)
+    out = []
+    with torch.no_grad():
+        for s in sentences:
+            p = model(tok(s, return_tensors="pt")["input_ids"]).softmax(-1)[0]
+            out.append((COLA_LABELS[int(p.argmax())], float(p.max())))
+    return out
+
+
+@needs_tokenizer
+@needs_cola
+def test_predict_prints_a_verdict_per_sentence(lora_run, tiny_dir, tmp_path):
+    tmp, _ = lora_run
+    (tmp_path / "in.txt").write_text("\n".join(SENTENCES) + "\n\n")  # a blank line is not a sentence
+    proc = ok(run("predict", 7, "--adapter", tmp / "out", "--input", tmp_path / "in.txt"))
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == len(SENTENCES), proc.stdout
+    for line, sentence, (label, prob) in zip(lines, SENTENCES, expected_probs(tiny_dir, tmp / "out", SENTENCES)):
+        m = LINE.match(line)
+        assert m, line
+        assert m.group(3) == sentence and m.group(1) == label
+        assert abs(float(m.group(2)) - prob) <= 0.0006 and 0.5 <= prob <= 1.0
+
+
+def make_adapter(tiny_dir, out_dir, kind, targets, feedforward=(), layernorms=True, seed=0):
+    """A random non-trivial adapter for the tiny model, saved as `run.py LoRA` saves its own."""
+    from model import GPTClassifier, inject_adapters, mark_trainable
+    from utils import adapter_settings, load_gpt, save_adapter
+    torch.manual_seed(seed)
+    model = load_gpt(tiny_dir, cls=GPTClassifier, num_labels=2)
+    inject_adapters(model, kind, targets, feedforward, r=2, alpha=2.0)
+    mark_trainable(model, train_layernorm=layernorms)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters()):
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    settings = adapter_settings(kind, 2, 2.0, 0.0, False, targets, feedforward,
+                                modules_to_save=["score"] + (["ln_1", "ln_2", "ln_f"] if layernorms else []))
+    save_adapter(model, out_dir, settings,
+                 {"model": str(tiny_dir), "tokenizer": str(tiny_dir), "labels": COLA_LABELS, "max_length": 128})
+    return out_dir
+
+
+@needs_tokenizer
+@needs_cola
+def test_predict_with_several_adapters_in_one_process(lora_run, tiny_dir, tmp_path):
+    """Adapters a (the CLI's LoRA), b (IA3 with its own layer norms and head) and c (LoRA on c_attn only, no
+    layer norms) over one base model in one process. Each one's numbers must be its own alone: the one
+    before must be taken out completely, its layer norms included (c runs on the base's)."""
+    tmp, _ = lora_run
+    adapters = {"a": tmp / "out",
+                "b": make_adapter(tiny_dir, tmp_path / "b", "ia3", ["attn.c_attn", "mlp.c_proj"], ["mlp.c_proj"], seed=1),
+                "c": make_adapter(tiny_dir, tmp_path / "c", "lora", ["attn.c_attn"], layernorms=False, seed=2)}
+    routed = "Only adapter b sees this one."
+    (tmp_path / "in.txt").write_text("\n".join(SENTENCES) + f"\nb\t{routed}\n")
+    proc = ok(run("predict", 7, *[a for name, d in adapters.items() for a in ("--adapter", f"{name}={d}")],
+                  "--input", tmp_path / "in.txt"))
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == len(SENTENCES) + 1, proc.stdout
+    expected = {name: expected_probs(tiny_dir, d, SENTENCES + [routed]) for name, d in adapters.items()}
+    for i, line in enumerate(lines):
+        verdicts, sentence = line.split("\t")
+        names = ["b"] if i == len(SENTENCES) else ["a", "b", "c"]
+        assert sentence == (SENTENCES + [routed])[i]
+        pieces = verdicts.split("  ")
+        assert len(pieces) == len(names), line
+        for name, piece in zip(names, pieces):
+            m = re.fullmatch(r"(\w+): (acceptable|unacceptable) \((\d\.\d{3})\)", piece)
+            assert m and m.group(1) == name, line
+            label, prob = expected[name][i]
+            assert m.group(2) == label and abs(float(m.group(3)) - prob) <= 0.0006, (name, line, expected[name][i])
+    probs = {name: [p for _, p in e[:3]] for name, e in expected.items()}
+    assert probs["a"] != probs["b"] != probs["c"] != probs["a"]  # the adapters really differ
+
+
+@needs_tokenizer
+@needs_cola
+def test_gen_with_the_adapter(lora_run, tiny_dir):
+    from model import GPT, merge_adapters
+    from run import DEFAULT_PROMPT
+    from utils import attach_adapter, load_gpt, load_tokenizer, read_adapter
+    tmp, _ = lora_run
+    proc = ok(run("gen", 7, "--model", tiny_dir, "--adapter", tmp / "out", "--max-new-tokens", 5,
+                  "--temperature", 0))
+    assert f"[adapter {tmp / 'out'} merged into {tiny_dir}]" in proc.stdout
+    # Greedy decoding: the same five tokens as our GPT with the adapter merged in, computed here.
+    model = load_gpt(tiny_dir).eval()
+    attach_adapter(model, *read_adapter(tmp / "out")[:2])
+    merge_adapters(model)
+    tok = load_tokenizer(tiny_dir)
+    ids = tok(DEFAULT_PROMPT, return_tensors="pt")["input_ids"]
+    new = [int(t[0]) for t in model.generate(ids, 5, temperature=0, eos_token_id=tok.eos_token_id)]
+    assert new
+    text = tok.decode(new)
+    while text.endswith("\ufffd"):  # the CLI holds back an unfinished multi-byte character
+        new.pop()
+        text = tok.decode(new)
+    assert proc.stdout.endswith(DEFAULT_PROMPT + text + "\n"), proc.stdout
+
+
+# --------------------------------------------------------------------------- bad input: exit 2, a clear message
+
+BAD_ROWS = {
+    "columns": (b"gj04\t1\tThe cat sat.\n", "3 tab-separated columns instead of 4"),
+    "label": (b"gj04\t2\t\tThe cat sat.\n", "label '2' is not 0 or 1"),
+    "utf8": (b"gj04\t1\t\tThe caf\xe9 \xff sat.\n", "not UTF-8"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_ROWS))
+def test_bad_cola_row_names_file_and_line(kind, tiny_dir, tmp_path):
+    row, problem = BAD_ROWS[kind]
+    data = write_cola(tmp_path / "cola", bad_train_row=row)
+    msg = user_error(run(*lora_args(tiny_dir, tmp_path / "out", tmp_path / "plots", data)))
+    assert f"{data / 'in_domain_train.tsv'}, line 5: " in msg and problem in msg
+    assert "--skip-bad-rows" in msg
+    assert not (tmp_path / "out").exists()
+
+
+@needs_tokenizer
+def test_skip_bad_rows_runs_and_counts(tiny_dir, tmp_path):
+    data = write_cola(tmp_path / "cola", bad_train_row=b"gj04\t2\t\tThe cat sat.\n")
+    with open(data / "in_domain_train.tsv", "ab") as f:
+        f.write(b"only\ttwo\n" + b"gj04\t1\t\t\xff\xfe\n")
+    proc = ok(run(*lora_args(tiny_dir, tmp_path / "out", tmp_path / "plots", data), "--skip-bad-rows"))
+    assert f"skipped 3 bad rows in {data / 'in_domain_train.tsv'}" in proc.stdout
+    assert "CoLA: 24 training and 12 dev sentences" in proc.stdout
+    assert len(metrics(tmp_path / "out")) == 1
+
+
+def test_missing_data_dir_names_the_dir_and_the_hub(tiny_dir, tmp_path):
+    missing = tmp_path / "no-cola-here"
+    msg = user_error(run(*lora_args(tiny_dir, tmp_path / "out", tmp_path / "plots", missing),
+                         env={"HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}))
+    assert str(missing) in msg and "in_domain_train.tsv" in msg
+    assert "hub" in msg and "nyu-mll/glue" in msg and "--data-dir" in msg
+
+
+@needs_tokenizer
+def test_target_modules_matching_nothing(tiny_dir, tmp_path):
+    data = write_cola(tmp_path / "cola")
+    msg = user_error(run(*lora_args(tiny_dir, tmp_path / "out", tmp_path / "plots", data),
+                         "--target-modules", "query", "value"))
+    assert "--target-modules query value" in msg and "no nn.Linear matches" in msg and "c_attn" in msg
+    assert not (tmp_path / "out").exists()
+
+
+@needs_tokenizer
+def test_adapter_that_is_not_an_adapter(tiny_dir, tmp_path):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("not an adapter\n")
+    (tmp_path / "in.txt").write_text("A sentence.\n")
+    msg = user_error(run("predict", 7, "--model", tiny_dir, "--adapter", tmp_path / "notes",
+                         "--input", tmp_path / "in.txt"))
+    assert f"--adapter {tmp_path / 'notes'}" in msg and "adapter_config.json" in msg
+    msg = user_error(run("gen", 7, "--model", tiny_dir, "--adapter", tmp_path / "notes", "--max-new-tokens", 2))
+    assert f"--adapter {tmp_path / 'notes'}" in msg and "adapter_model.safetensors" in msg
+    # A real peft adapter, but for another architecture (BERT's layer names).
+    from utils import adapter_settings, write_json
+    from safetensors.torch import save_file
+    bert = tmp_path / "bert-adapter"
+    write_json(bert / "adapter_config.json", adapter_settings("lora", target_modules=["query", "value"]))
+    save_file({"base_model.model.encoder.layer.0.attention.self.query.lora_A.weight": torch.zeros(4, 32)},
+              bert / "adapter_model.safetensors")
+    msg = user_error(run("predict", 7, "--model", tiny_dir, "--adapter", bert, "--input", tmp_path / "in.txt"))
+    assert "another architecture" in msg and "['query', 'value']" in msg

@@ -1,0 +1,150 @@
+"""train_utils.fit with LoRA on the tiny random GPT-2: it learns, it leaves the base alone, it is
+reproducible, and a resumed run is the uninterrupted run. Also atomic writes."""
+import json
+import os
+
+import pytest
+import torch
+
+from model import GPT2_TARGETS, GPTClassifier, inject_adapters, mark_trainable
+from train_utils import TrainConfig, fit, trainable_state
+from utils import Examples, UserError, atomic_write, load_gpt, seed_everything
+
+CPU = torch.device("cpu")
+TIMING = "train_sentences_per_s"  # wall-clock throughput: the one entry of a history that is not reproducible
+HISTORY_KEYS = {"epoch", "train_loss", "train_acc", "dev_loss", "dev_acc", "dev_mcc", "lr", TIMING}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The tiny model gains nothing from a second thread, and two threads slow to a crawl whenever another
+    process holds a core (their barriers wait on a descheduled thread). Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def numbers(history):
+    """Everything in a metrics history except the wall-clock throughput."""
+    assert all(set(row) == HISTORY_KEYS for row in history)
+    return [{k: v for k, v in row.items() if k != TIMING} for row in history]
+
+
+def separable(n, seed, tokens_per_class=10):
+    """Sentences of 3-9 tokens drawn from one of two disjoint token sets; the label is which set."""
+    g = torch.Generator().manual_seed(seed)
+    ids, labels = [], []
+    for _ in range(n):
+        y = int(torch.randint(2, (1,), generator=g))
+        length = int(torch.randint(3, 10, (1,), generator=g))
+        first = 1000 if y == 0 else 2000
+        ids.append((first + torch.randint(0, tokens_per_class, (length,), generator=g)).tolist())
+        labels.append(y)
+    return Examples(ids, labels, pad_id=50256)
+
+
+def lora_model(tiny_dir, seed, dropout=0.1):
+    seed_everything(seed)
+    model = load_gpt(tiny_dir, cls=GPTClassifier, num_labels=2)
+    inject_adapters(model, "lora", GPT2_TARGETS, r=4, alpha=4.0, dropout=dropout)
+    mark_trainable(model)
+    return model
+
+
+def test_lora_learns_a_separable_task_and_leaves_the_base_alone(tiny_dir, tmp_path):
+    train, dev = separable(256, seed=1), separable(128, seed=2)
+    model = lora_model(tiny_dir, seed=0)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    expected = ({f"transformer.h.{i}.{t}.lora_{ab}" for i in range(2) for t in GPT2_TARGETS for ab in "AB"}
+                | {f"transformer.h.{i}.{ln}.{w}" for i in range(2) for ln in ("ln_1", "ln_2") for w in ("weight", "bias")}
+                | {"transformer.ln_f.weight", "transformer.ln_f.bias", "score.weight"})
+    assert trainable == expected
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    seen = []
+    history = fit(model, train, dev, TrainConfig(epochs=3, lr=2e-2, batch_size=32, seed=0), CPU, tmp_path,
+                  on_best=lambda m, row: seen.append(row["epoch"]))
+    assert [r["epoch"] for r in history] == [1, 2, 3]
+    assert history[-1]["dev_acc"] >= 0.95, history
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert history[-1]["lr"] == 0.0  # linear decay ends at zero
+    assert seen and seen[0] == 1
+    # metrics.jsonl holds exactly the history.
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == history
+    after = dict(model.named_parameters())
+    changed = {n for n in before if not torch.equal(before[n], after[n].detach())}
+    assert changed == trainable  # every adapter, layer norm and head tensor moved; nothing else did
+    for n in set(before) - trainable:
+        assert torch.equal(before[n], after[n].detach()), n  # bit-identical base weights
+    assert torch.equal(model.lm_head.weight, before["transformer.wte.weight"])
+
+
+def test_same_seed_same_numbers_other_seed_other_numbers(tiny_dir, tmp_path):
+    train, dev = separable(96, seed=3), separable(48, seed=4)
+    cfg = lambda seed: TrainConfig(epochs=2, lr=1e-2, batch_size=16, seed=seed)
+    runs = []
+    for i, seed in enumerate([11, 11, 12]):
+        model = lora_model(tiny_dir, seed)  # dropout 0.1: the random stream matters too
+        history = fit(model, train, dev, cfg(seed), CPU, tmp_path / str(i))
+        runs.append((numbers(history), trainable_state(model)))
+    (h1, s1), (h2, s2), (h3, s3) = runs
+    assert h1 == h2  # exactly, not approximately
+    assert s1.keys() == s2.keys() and all(torch.equal(s1[k], s2[k]) for k in s1)
+    assert all(a["train_loss"] != b["train_loss"] and a["dev_loss"] != b["dev_loss"] for a, b in zip(h1, h3))
+    assert not torch.equal(s1["score.weight"], s3["score.weight"])
+
+
+def test_resumed_run_equals_uninterrupted_run(tiny_dir, tmp_path):
+    train, dev = separable(96, seed=5), separable(48, seed=6)
+    cfg = TrainConfig(epochs=3, lr=1e-2, batch_size=16, seed=21)
+
+    full_model = lora_model(tiny_dir, 21)
+    full = fit(full_model, train, dev, cfg, CPU, tmp_path / "full")
+
+    first = fit(lora_model(tiny_dir, 21), train, dev, cfg, CPU, tmp_path / "cut", stop_after_epoch=1)
+    assert len(first) == 1 and numbers(first) == numbers(full[:1])
+    assert len((tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()) == 1
+    # A new process: its own fresh adapter (another seed even); everything must come from last.pt.
+    resumed_model = lora_model(tiny_dir, 999)
+    resumed = fit(resumed_model, train, dev, cfg, CPU, tmp_path / "cut", resume=True)
+    assert numbers(resumed) == numbers(full)
+    assert resumed[0] == first[0]  # epoch 1's row, throughput included, comes from the checkpoint
+    a, b = trainable_state(full_model), trainable_state(resumed_model)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    lines = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+    assert numbers([json.loads(line) for line in lines]) == numbers(full)
+
+
+def test_resume_with_other_settings_is_refused(tiny_dir, tmp_path):
+    train, dev = separable(32, seed=7), separable(16, seed=8)
+    fit(lora_model(tiny_dir, 1), train, dev, TrainConfig(epochs=2, seed=1), CPU, tmp_path, stop_after_epoch=1)
+    with pytest.raises(UserError, match="other settings"):
+        fit(lora_model(tiny_dir, 1), train, dev, TrainConfig(epochs=2, seed=1, lr=5e-3), CPU, tmp_path, resume=True)
+
+
+def test_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("old contents\n")
+
+    def crashing(tmp):
+        with open(tmp, "w") as f:
+            f.write("half of the new")
+            f.flush()
+        raise RuntimeError("killed midway")
+
+    with pytest.raises(RuntimeError, match="killed midway"):
+        atomic_write(path, crashing)
+    assert path.read_text() == "old contents\n"
+    assert sorted(os.listdir(tmp_path)) == ["metrics.jsonl"]  # no temporary file left behind
+
+    atomic_write(path, lambda tmp: open(tmp, "w").write("new contents\n"))
+    assert path.read_text() == "new contents\n"
+    assert sorted(os.listdir(tmp_path)) == ["metrics.jsonl"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # an ordinary file, not mkstemp's private 0600
+
+    new_file = tmp_path / "sub" / "fresh.json"  # parents are created
+    atomic_write(new_file, lambda tmp: open(tmp, "w").write("{}"))
+    assert new_file.read_text() == "{}"
