@@ -183,8 +183,10 @@ class GPT(nn.Module):
         model = cls(config, **kwargs)
         ours = {k: v for k, v in model.state_dict().items()
                 if k.startswith("transformer.") and not k.endswith(".attn.bias")}
-        theirs = {}
+        theirs, head = {}, sd.get("score.weight")  # a GPT2ForSequenceClassification checkpoint's head
         for k, v in sd.items():
+            if k == "score.weight":
+                continue
             k = k if k.startswith("transformer.") or k == "lm_head.weight" else "transformer." + k
             # Buffers (causal-mask 'bias', 'masked_bias') and the tied lm_head carry no weights of their own.
             if k.endswith((".attn.bias", ".attn.masked_bias")) or k == "lm_head.weight":
@@ -205,6 +207,8 @@ class GPT(nn.Module):
                     raise ValueError(f"checkpoint tensor {k} has shape {tuple(src.shape)}, "
                                      f"expected {tuple(target.shape)}")
                 target.copy_(src)
+            if head is not None and hasattr(model, "score") and head.shape == model.score.weight.shape:
+                model.score.weight.copy_(head)
         return model
 
 

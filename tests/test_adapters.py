@@ -248,10 +248,8 @@ def test_classifier_logits_equal_transformers(tiny_dir):
     from transformers import GPT2ForSequenceClassification
     hf = GPT2ForSequenceClassification.from_pretrained(tiny_dir, num_labels=2, pad_token_id=PAD).eval()
     sd = hf.state_dict()
-    ours = GPTClassifier.from_state_dict(load_gpt(tiny_dir).config,
-                                         {k: v for k, v in sd.items() if k != "score.weight"}).eval()
-    with torch.no_grad():
-        ours.score.weight.copy_(sd["score.weight"])
+    ours = GPTClassifier.from_state_dict(load_gpt(tiny_dir).config, sd).eval()  # maps the head too
+    assert torch.equal(ours.score.weight, sd["score.weight"])
     ids, mask = padded_batch([9, 4, 6, 2], seed=1)
     with torch.no_grad():
         theirs = hf(input_ids=ids, attention_mask=mask).logits
