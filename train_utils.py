@@ -186,6 +186,7 @@ def write_plots(history, prefix, title, baseline_acc=None):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [r["epoch"] for r in history]
     paths = []
@@ -198,6 +199,7 @@ def write_plots(history, prefix, title, baseline_acc=None):
         if kind == "acc" and baseline_acc is not None:
             ax.axhline(baseline_acc, color="grey", linestyle="--", label=f"majority class ({baseline_acc:.3f})")
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("loss" if kind == "loss" else "accuracy / MCC")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
