@@ -1,0 +1,331 @@
+"""Benchmarks of our hand-written GPT-2 + LoRA against the reference (transformers / peft), printed
+side by side with ratios and the targets, in one run. CPU, float32, no hub needed.
+
+    python bench.py gen     greedy decoding, batch 1: tokens/s of ours vs transformers' generate
+    python bench.py lora    LoRA training on CoLA: sentences/s of ours vs transformers+peft, ours' FLOP/s
+                            against this machine's matmul peak, peak memory of each, and ours' evaluation
+                            speed with the adapters merged vs unmerged
+    python bench.py all     both
+
+Both sides run on one random-weight checkpoint of the real gpt2 shape (12 layers, 768 wide, 50257
+tokens, 1024 positions), written by transformers' own save_pretrained under --workdir (reused if there).
+Everything timed runs after a warm-up, and whatever is compared within one process runs in turns
+(ours, theirs, ours, ...), so that a slow spell of the machine (a shared VM) hits both alike. Each LoRA
+side trains in its own subprocess (`bench.py _lora_worker ours|peft`, which prints JSON), so that its
+peak resident memory is its own; ours' process also times a 2048^3 matmul between its steps (the
+machine's peak, for the FLOP/s fraction) and the same steps with dropout off (a diagnostic).
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may wait on the hub
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent
+LORA_TARGETS = ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
+
+
+def quiet_transformers():
+    import transformers
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
+def checkpoint(workdir):
+    """A random-weight GPT-2 of the real gpt2 shape, written by transformers (reused if already there)."""
+    path = Path(workdir) / "gpt2-random"
+    if not (path / "model.safetensors").is_file():
+        from transformers import GPT2Config, GPT2LMHeadModel
+        torch.manual_seed(0)
+        GPT2LMHeadModel(GPT2Config()).save_pretrained(path)
+    return path
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+# --------------------------------------------------------------------------- generation
+
+def bench_gen(args, ckpt):
+    from transformers import GPT2LMHeadModel
+    from run import DEFAULT_PROMPT
+    from utils import load_gpt, load_tokenizer
+
+    n = args.new_tokens
+    ids = load_tokenizer(args.tokenizer)(DEFAULT_PROMPT, return_tensors="pt")["input_ids"]
+    ours = load_gpt(str(ckpt)).eval()
+    theirs = GPT2LMHeadModel.from_pretrained(ckpt).eval()
+    # No stop at end-of-text on either side: both make exactly n new tokens.
+    theirs.generation_config.eos_token_id = None
+    theirs.generation_config.pad_token_id = 50256
+
+    def run_ours():
+        return torch.stack(list(ours.generate(ids, n, temperature=0)), 1)
+
+    def run_theirs():
+        with torch.no_grad():
+            out = theirs.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n)
+        return out[:, ids.shape[1]:]
+
+    # At batch 1 a decoding step must at least stream every weight matrix from memory once. Time just
+    # that, our step's matrix-vector products (lm_head on one position) and nothing else: a ceiling.
+    linears = [m for m in ours.modules() if isinstance(m, torch.nn.Linear)]
+    vectors = {m.in_features: torch.randn(1, m.in_features) for m in linears}
+
+    def run_weights_only():
+        with torch.no_grad():
+            for _ in range(n):
+                for m in linears:
+                    m(vectors[m.in_features])
+
+    a, b = run_ours(), run_theirs()  # also the warm-up
+    same = a.shape == b.shape == (1, n) and torch.equal(a, b)
+    run_weights_only()
+    t_ours, t_theirs, t_weights = [], [], []
+    for _ in range(args.repeats):
+        t_ours.append(timed(run_ours))
+        t_theirs.append(timed(run_theirs))
+        t_weights.append(timed(run_weights_only))
+    ours_tps, theirs_tps = n / statistics.median(t_ours), n / statistics.median(t_theirs)
+    print(f"gen: greedy decoding of {n} new tokens after the {ids.shape[1]}-token default prompt, batch 1, "
+          f"float32; median of {args.repeats} alternating runs per side after a warm-up")
+    print(f"gen: ours {ours_tps:.1f} tok/s | transformers {theirs_tps:.1f} tok/s | ratio {ours_tps / theirs_tps:.2f}x "
+          f"(target >= 1.5x) | tokens identical: {'yes' if same else 'NO'}")
+    print(f"gen: spread of the runs: ours {n / max(t_ours):.1f}-{n / min(t_ours):.1f} tok/s, transformers "
+          f"{n / max(t_theirs):.1f}-{n / min(t_theirs):.1f} tok/s")
+    ceiling = n / statistics.median(t_weights)
+    mb = 4 * sum(m.weight.numel() for m in linears) / 1e6
+    print(f"gen: ceiling: a step's {len(linears)} matrix-vector products alone, which stream its {mb:.0f} MB of "
+          f"weights from memory ({mb / 1e3 * ceiling:.1f} GB/s), run at {ceiling:.1f} tok/s = "
+          f"{ceiling / theirs_tps:.2f}x transformers: the most a batch-1 float32 decoder gets here. Ours runs at "
+          f"{100 * ours_tps / ceiling:.0f}% of it, transformers at {100 * theirs_tps / ceiling:.0f}%", flush=True)
+
+
+# --------------------------------------------------------------------------- LoRA training
+
+def cola_batches(args):
+    """The first warmup+steps shuffled batches of CoLA's training set, dynamically padded, as `run.py LoRA`
+    makes them (same tokenizer, max length 128, utils.Examples)."""
+    from utils import Examples, load_cola, load_tokenizer
+    sentences, labels = load_cola(args.data_dir)["train"]
+    train = Examples.encode(load_tokenizer(args.tokenizer), sentences, labels, 128, "train")
+    batches = []
+    for batch in train.batches(args.batch_size, shuffle=True, seed=0):
+        batches.append(batch)
+        if len(batches) == args.warmup + args.steps:
+            break
+    return batches
+
+
+def build_ours(ckpt):
+    from model import GPTClassifier, inject_adapters, mark_trainable
+    from utils import load_gpt
+    model = load_gpt(str(ckpt), cls=GPTClassifier, num_labels=2)
+    inject_adapters(model, "lora", LORA_TARGETS, r=4, alpha=4.0, dropout=0.1)
+    mark_trainable(model)  # adapters, layer norms and the head
+    return model
+
+
+def build_peft(ckpt):
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2ForSequenceClassification
+    model = GPT2ForSequenceClassification.from_pretrained(ckpt, num_labels=2, pad_token_id=50256)
+    config = LoraConfig(r=4, lora_alpha=4, lora_dropout=0.1, target_modules=LORA_TARGETS, fan_in_fan_out=True,
+                        modules_to_save=["score", "ln_1", "ln_2", "ln_f"], task_type="SEQ_CLS")
+    return get_peft_model(model, config)
+
+
+@contextmanager
+def dropout_off(model):
+    """Every dropout rate of `model` (nn.Dropout modules, attention's `dropout` float) at 0 for a while."""
+    saved = [(m, name, getattr(m, name)) for m in model.modules() for name in ("p", "dropout")
+             if isinstance(getattr(m, name, None), float)]
+    for m, name, _ in saved:
+        setattr(m, name, 0.0)
+    try:
+        yield
+    finally:
+        for m, name, rate in saved:
+            setattr(m, name, rate)
+
+
+def matmul_seconds(a, b):
+    a @ b  # untimed: the first call may allocate
+    return timed(lambda: a @ b)
+
+
+def lora_worker(side, args, ckpt):
+    """One side's training figures (and, for ours, the machine's matmul peak measured between the steps,
+    and evaluation merged vs unmerged) as one JSON line on stdout."""
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    batches = cola_batches(args)
+    model = build_ours(ckpt) if side == "ours" else build_peft(ckpt)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
+
+    def logits(batch):
+        if side == "ours":
+            return model(batch["input_ids"], batch["attention_mask"])
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+    def step(batch):  # as train_utils.fit does per batch, less the learning-rate schedule
+        loss = F.cross_entropy(logits(batch), batch["labels"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+
+    model.train()
+    for batch in batches[:args.warmup]:
+        step(batch)
+    work = batches[args.warmup:]
+    n = 2048
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    step_s, matmul_s, no_dropout_s = [], [], []
+    for batch in work:
+        step_s.append(timed(lambda: step(batch)))
+        if side == "ours":
+            # The machine's peak, measured in the same spells of the machine as the steps; and, as a
+            # diagnostic of what dropout's random numbers cost, the same step with every dropout off.
+            matmul_s.append(matmul_seconds(a, b))
+            with dropout_off(model):
+                no_dropout_s.append(timed(lambda: step(batch)))
+    result = {"side": side, "train_s": sum(step_s), "sentences": sum(len(b["labels"]) for b in work),
+              "real_tokens": sum(int(b["attention_mask"].sum()) for b in work),
+              "padded_tokens": sum(b["input_ids"].numel() for b in work),
+              "attention_scores": sum(b["input_ids"].shape[0] * b["input_ids"].shape[1] ** 2 for b in work),
+              "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # KB on Linux
+    if side == "ours":
+        from model import merge_adapters
+        result["matmul_flops"] = 2 * n ** 3 / statistics.median(matmul_s)
+        result["train_no_dropout_s"] = sum(no_dropout_s)
+        model.eval()
+        evaluation = work[:args.eval_batches]
+        result["eval_sentences"] = args.eval_repeats * sum(len(b["labels"]) for b in evaluation)
+
+        def evaluate():
+            with torch.no_grad():
+                for batch in evaluation:
+                    logits(batch)
+
+        evaluate()  # warm-up
+        unmerged = merged = 0.0
+        for _ in range(args.eval_repeats):  # alternate, as above
+            unmerged += timed(evaluate)
+            merge_adapters(model)
+            merged += timed(evaluate)
+            merge_adapters(model, merge=False)
+        result["eval_unmerged_s"], result["eval_merged_s"] = unmerged, merged
+    print(json.dumps(result))
+
+
+def bench_lora(args, ckpt):
+    from model import GPTConfig
+    results = {}
+    for side in ("ours", "peft"):
+        cmd = [sys.executable, str(Path(__file__).resolve()), "_lora_worker", side, "--workdir", str(args.workdir),
+               "--tokenizer", args.tokenizer, "--data-dir", args.data_dir, "--steps", str(args.steps),
+               "--warmup", str(args.warmup), "--batch-size", str(args.batch_size), "--threads", str(args.threads),
+               "--eval-batches", str(args.eval_batches), "--eval-repeats", str(args.eval_repeats)]
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        if out.returncode != 0:
+            sys.exit(f"bench.py _lora_worker {side} failed:\n{out.stderr[-3000:]}")
+        results[side] = json.loads(out.stdout.strip().splitlines()[-1])
+    ours, peft = results["ours"], results["peft"]
+    n = ours["sentences"]
+    print(f"lora: {args.steps} AdamW steps (after {args.warmup} untimed) on the same batches of {args.batch_size} "
+          f"CoLA training sentences, dynamically padded: {ours['real_tokens']} tokens, {ours['padded_tokens']} with "
+          f"the padding; LoRA r=4 alpha=4 dropout 0.1 on {' '.join(LORA_TARGETS)}, layer norms and head trained")
+    o_sps, p_sps = n / ours["train_s"], n / peft["train_s"]
+    print(f"lora train: ours {o_sps:.1f} sent/s | transformers+peft {p_sps:.1f} sent/s | ratio "
+          f"{o_sps / p_sps:.2f}x (target >= 1.5x)")
+
+    # Model FLOPs, the usual estimate: a weight matrix with N entries costs 2N FLOPs per token forward and
+    # 2N for the gradient of its input backward; the other 2N of the usual 6N, the weight gradient, is not
+    # computed, the base being frozen (the rank-4 LoRA matrices add about 1% and are left out). Attention adds
+    # Q K^T and A V, 4 * T * n_embd per token and layer forward, twice that backward. Only real tokens
+    # count: padding is no useful work (and ours does not compute it); ours runs attention on the padded
+    # (B, T) layout, so that term uses the padded T.
+    c = GPTConfig()
+    n_matmul = c.n_layer * 12 * c.n_embd ** 2  # attn.c_attn 3C^2 + attn.c_proj C^2 + mlp.c_fc 4C^2 + mlp.c_proj 4C^2
+    flops = 4 * n_matmul * ours["real_tokens"] + 12 * c.n_layer * c.n_embd * ours["attention_scores"]
+    achieved, peak = flops / ours["train_s"], ours["matmul_flops"]
+    print(f"lora FLOP/s: ours {achieved / 1e9:.1f} GFLOP/s = {100 * achieved / peak:.0f}% of this machine's float32 "
+          f"matmul peak, {peak / 1e9:.1f} GFLOP/s (median 2048^3 torch.matmul between the steps, "
+          f"{args.threads} threads) (target >= 50%)")
+    no_drop, share = flops / ours["train_no_dropout_s"], 1 - ours["train_no_dropout_s"] / ours["train_s"]
+    print(f"lora FLOP/s: ours with every dropout off (a diagnostic, not a fair setting) {no_drop / 1e9:.1f} GFLOP/s "
+          f"= {100 * no_drop / peak:.0f}% of the peak: dropout takes {100 * share:.0f}% of ours' step time, for its "
+          f"random numbers (one per activation, drawn on one core)")
+    print(f"lora FLOP/s: model FLOPs = 4 * {n_matmul / 1e6:.1f}M matmul weights * real tokens + "
+          f"12 * n_layer * n_embd * B * T^2 (attention) = {flops / 1e12:.2f} TFLOP over the timed steps; "
+          f"4N not 6N per token: the frozen base weights get no gradient")
+    print(f"lora peak memory: ours {ours['max_rss_mb']:.0f} MB | transformers+peft {peft['max_rss_mb']:.0f} MB | "
+          f"ratio {ours['max_rss_mb'] / peft['max_rss_mb']:.2f}x (target <= 0.8x) (ru_maxrss of each side's own "
+          f"process: loading the model, then training)")
+    m = ours["eval_sentences"]
+    um_sps, m_sps = m / ours["eval_unmerged_s"], m / ours["eval_merged_s"]
+    print(f"lora eval (ours, eval mode, no_grad, {args.eval_batches} of the same batches {args.eval_repeats} times, "
+          f"merged and unmerged in turn): merged {m_sps:.1f} sent/s | unmerged {um_sps:.1f} sent/s | ratio "
+          f"{m_sps / um_sps:.2f}x", flush=True)
+
+
+# --------------------------------------------------------------------------- main
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("what", choices=["gen", "lora", "all", "_lora_worker"], help="what to benchmark")
+    p.add_argument("side", nargs="?", choices=["ours", "peft"], help=argparse.SUPPRESS)
+    p.add_argument("--workdir", help="where the random-weight checkpoint is written, and reused next time; "
+                   "None: a temporary directory, removed afterwards")
+    p.add_argument("--tokenizer", default=str(ROOT.parent / "shared/data/gpt2-tokenizer"),
+                   help="directory with GPT-2's vocab.json and merges.txt")
+    p.add_argument("--data-dir", default=str(ROOT.parent / "shared/data/cola/raw"),
+                   help="directory with CoLA's raw in_domain_train.tsv")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
+    p.add_argument("--new-tokens", type=int, default=128, help="gen: tokens to generate")
+    p.add_argument("--repeats", type=int, default=5, help="gen: timed runs per side")
+    p.add_argument("--steps", type=int, default=20, help="lora: timed training steps")
+    p.add_argument("--warmup", type=int, default=3, help="lora: untimed warm-up steps before them")
+    p.add_argument("--batch-size", type=int, default=32, help="lora: sentences per step")
+    p.add_argument("--eval-batches", type=int, default=5, help="lora: batches (of the timed ones) to evaluate")
+    p.add_argument("--eval-repeats", type=int, default=5, help="lora: evaluations, merged and unmerged in turn")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    tmp = None
+    if args.workdir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="bench-gpt2-")
+        args.workdir = tmp.name
+    quiet_transformers()
+    ckpt = checkpoint(args.workdir)
+    if args.what == "_lora_worker":
+        return lora_worker(args.side, args, ckpt)
+    import peft
+    import transformers
+    print(f"bench: torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}; "
+          f"CPU, float32, torch threads: {torch.get_num_threads()} (of {os.cpu_count()} cores); random-weight "
+          f"gpt2-shaped checkpoint in {ckpt}", flush=True)
+    if args.what in ("gen", "all"):
+        bench_gen(args, ckpt)
+    if args.what in ("lora", "all"):
+        bench_lora(args, ckpt)
+
+
+if __name__ == "__main__":
+    main()
