@@ -286,8 +286,9 @@ class GPTClassifier(GPT):
         if attention_mask is None:
             last = torch.full((idx.shape[0],), idx.shape[1] - 1, device=idx.device)
         else:
-            # Right padding: the last real token sits at (number of real tokens - 1).
-            last = attention_mask.long().sum(1) - 1
+            # The rightmost real token, whichever side the padding is on.
+            positions = torch.arange(idx.shape[1], device=idx.device)
+            last = (positions * attention_mask.long()).argmax(-1)
         return self.score(h[torch.arange(idx.shape[0], device=idx.device), last])
 
 

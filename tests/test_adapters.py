@@ -367,3 +367,14 @@ def test_attach_rejects_an_adapter_for_another_architecture(tiny_dir, tmp_path):
     settings = {"kind": "lora", **adapter_settings("lora", target_modules=["attn.c_attn"])}
     with pytest.raises(UserError, match="shape"):
         attach_adapter(our_classifier(tiny_dir), settings, {"transformer.h.0.attn.c_attn.lora_A": torch.zeros(4, 768)})
+
+
+def test_classifier_left_padding_equals_transformers(tiny_dir):
+    """Left padding takes the unpacked path: the head must still read the rightmost real token."""
+    from transformers import GPT2ForSequenceClassification
+    hf = GPT2ForSequenceClassification.from_pretrained(tiny_dir, num_labels=2, pad_token_id=PAD).eval()
+    ours = GPTClassifier.from_state_dict(load_gpt(tiny_dir).config, hf.state_dict()).eval()
+    ids = torch.tensor([[PAD, PAD, 5, 6, 7], [1, 2, 3, 4, 5]])
+    mask = (ids != PAD).long()
+    with torch.no_grad():
+        assert (ours(ids, mask) - hf(input_ids=ids, attention_mask=mask).logits).abs().max() < 1e-5
