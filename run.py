@@ -67,7 +67,9 @@ def build_parser():
     p.add_argument("--top-k", type=positive(int), default=50)
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling, e.g. 0.95 (default: off)")
     p.add_argument("--num-samples", type=positive(int), default=1)
-    p.add_argument("--adapter", help="generate with this LoRA/IA3 adapter (ours or peft's) merged in")
+    p.add_argument("--adapter", help="generate with this LoRA/IA3 adapter (ours or peft's) merged in; the base "
+                   "model defaults to the one the adapter was trained on")
+    p.set_defaults(model=None)
 
     p = sub.add_parser("LoRA", help="fine-tune GPT-2 with LoRA (or IA3) adapters on CoLA")
     add_common(p)
@@ -134,11 +136,10 @@ def cmd_gen(args):
         raise UserError(f"--top-p must be in (0, 1], got {args.top_p}.")
     seed_everything(args.SR)
     device = pick_device(args.device)
-    model_name, extras = args.model, {}
+    extras = {}
     if args.adapter:
         settings, tensors, extras = read_adapter(args.adapter)
-        if model_name == "gpt2" and extras.get("model"):
-            model_name = extras["model"]  # the base the adapter was trained on
+    model_name = args.model or extras.get("model") or "gpt2"
     model = load_gpt(model_name)
     tok = load_tokenizer(args.tokenizer or extras.get("tokenizer") or model_name)
     if args.adapter:
