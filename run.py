@@ -1,7 +1,7 @@
 """The command line: python run.py MODE SR [flags]. Each mode wires utils (files, data), model and
 train_utils (the loop) together; run `python run.py MODE --help` for its flags."""
 import argparse
-import json
+import math
 import os
 import sys
 import time
@@ -16,9 +16,9 @@ def seed_arg(text):
         value = int(text)
     except ValueError:
         value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"SR must be a non-negative integer such as 12345 (it seeds every random "
-                                         f"choice), got {text!r}")
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"SR must be a non-negative integer below 2^32 such as 12345 (it seeds "
+                                         f"every random choice), got {text!r}")
     return value
 
 
@@ -28,7 +28,7 @@ def positive(kind):
             value = kind(text)
         except ValueError:
             value = None
-        if value is None or value <= 0:
+        if value is None or not math.isfinite(value) or value <= 0:
             raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
         return value
     return parse
@@ -41,6 +41,16 @@ def fraction(text):
         value = -1
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
+    return value
+
+
+def non_negative(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
     return value
 
 
@@ -58,12 +68,13 @@ def build_parser():
     parser = argparse.ArgumentParser(prog="run.py", description="Parameter-efficient fine-tuning and knowledge "
                                      "distillation of GPT-2.")
     sub = parser.add_subparsers(dest="mode", required=True, metavar="MODE")
+    fmt = dict(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
-    p = sub.add_parser("gen", help="generate text with the hand-written GPT-2")
+    p = sub.add_parser("gen", help="generate text with the hand-written GPT-2", **fmt)
     add_common(p)
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
     p.add_argument("--max-new-tokens", type=positive(int), default=100)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy decoding")
+    p.add_argument("--temperature", type=non_negative, default=0.8, help="0 = greedy decoding")
     p.add_argument("--top-k", type=positive(int), default=50)
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling, e.g. 0.95 (default: off)")
     p.add_argument("--num-samples", type=positive(int), default=1)
@@ -71,7 +82,7 @@ def build_parser():
                    "model defaults to the one the adapter was trained on")
     p.set_defaults(model=None)
 
-    p = sub.add_parser("LoRA", help="fine-tune GPT-2 with LoRA (or IA3) adapters on CoLA")
+    p = sub.add_parser("LoRA", help="fine-tune GPT-2 with LoRA (or IA3) adapters on CoLA", **fmt)
     add_common(p)
     p.add_argument("--data-dir", default=os.environ.get("COLA_DIR", "data/cola"),
                    help="directory with CoLA's raw in_domain_train.tsv and in_domain_dev.tsv (default: $COLA_DIR "
@@ -93,7 +104,7 @@ def build_parser():
     p.add_argument("--epochs", type=positive(int), default=5)
     p.add_argument("--lr", type=positive(float), default=1e-3)
     p.add_argument("--batch-size", type=positive(int), default=32)
-    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--weight-decay", type=non_negative, default=0.01)
     p.add_argument("--warmup-ratio", type=fraction, default=0.06)
     p.add_argument("--grad-clip", type=positive(float), default=1.0)
     p.add_argument("--out-dir", help="where the adapter, metrics and resume checkpoint go (default: models/LoRA_<SR>)")
@@ -101,7 +112,8 @@ def build_parser():
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last epoch")
     p.add_argument("--export-peft", metavar="DIR", help="also copy the best adapter, in peft's format, to DIR")
 
-    p = sub.add_parser("predict", help="classify sentences with one or more trained adapters over one base model")
+    p = sub.add_parser("predict", help="classify sentences with one or more trained adapters over one base model",
+                       **fmt)
     add_common(p)
     p.set_defaults(model=None)
     p.add_argument("--adapter", action="append", required=True, metavar="[NAME=]PATH",
@@ -130,8 +142,6 @@ def cmd_gen(args):
     from utils import UserError, attach_adapter, autocast_dtype, load_gpt, load_tokenizer, pick_device, \
         read_adapter, seed_everything
 
-    if args.temperature < 0:
-        raise UserError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}.")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise UserError(f"--top-p must be in (0, 1], got {args.top_p}.")
     seed_everything(args.SR)
@@ -176,7 +186,7 @@ def cmd_lora(args):
     import torch
     from model import GPT2_TARGETS, GPTClassifier, inject_adapters, mark_trainable
     from train_utils import TrainConfig, classification_metrics, fit, write_plots
-    from utils import Examples, UserError, adapter_settings, autocast_dtype, load_cola, load_gpt, \
+    from utils import Examples, UserError, adapter_settings, atomic_write, autocast_dtype, load_cola, load_gpt, \
         load_tokenizer, pick_device, save_adapter, seed_everything
 
     if args.peft == "ia3" and (args.rslora or args.lora_alpha is not None):
@@ -189,6 +199,16 @@ def cmd_lora(args):
     targets = args.target_modules or (list(GPT2_TARGETS) if args.peft == "lora" else ["attn.c_attn", "mlp.c_proj"])
     feedforward = args.feedforward_modules or (["mlp.c_proj"] if args.peft == "ia3" else [])
     print_config(args)
+    for flag, d in (("--out-dir", out_dir), ("--plots-dir", args.plots_dir), ("--export-peft", args.export_peft)):
+        if d is None:
+            continue
+        # A bad output path must fail now, not after an hour of training (and without creating anything).
+        existing = Path(d).resolve()
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.is_dir() or not os.access(existing, os.W_OK):
+            raise UserError(f"{flag} {d}: cannot write a directory there ({existing} is "
+                            f"{'not a directory' if not existing.is_dir() else 'not writable'}); choose another path.")
 
     data = load_cola(args.data_dir, args.eval_split, args.skip_bad_rows)
     tok = load_tokenizer(args.tokenizer or args.model)
@@ -202,6 +222,9 @@ def cmd_lora(args):
           f"baseline on dev: accuracy {majority:.4f}, MCC 0.0000")
 
     model = load_gpt(args.model, cls=GPTClassifier, num_labels=2)
+    if args.max_length > model.config.block_size:
+        raise UserError(f"--max-length {args.max_length} is longer than {args.model}'s block size "
+                        f"{model.config.block_size}; use at most that.")
     total = sum(p.numel() for p in model.parameters())
     try:
         inject_adapters(model, args.peft, targets, feedforward, r=args.lora_rank, alpha=alpha,
@@ -233,17 +256,20 @@ def cmd_lora(args):
               f"({path.stat().st_size / 1024:.1f} KB; the full model in float32 is {4 * total / 2**20:.1f} MB)")
 
     t0 = time.time()
+    run_settings = {**settings, **extras, "eval_split": args.eval_split, "train_layernorm": not args.no_train_layernorm}
     history = fit(model, train, dev, cfg, device, out_dir, amp_dtype=amp, resume=args.resume, on_best=on_best,
-                  on_epoch_end=lambda h: write_plots(h, prefix, title, baseline_acc=majority))
+                  on_epoch_end=lambda h: write_plots(h, prefix, title, baseline_acc=majority),
+                  run_settings=run_settings)
     best = max(history, key=lambda r: r["dev_mcc"])
     print(f"done in {time.time() - t0:.0f} s. Best epoch {best['epoch']}: dev accuracy {best['dev_acc']:.4f}, "
           f"MCC {best['dev_mcc']:.4f} (majority baseline {majority:.4f}, MCC 0). Adapter: {out_dir}/; plots: "
           f"{prefix}_loss.png, {prefix}_acc.png; metrics: {out_dir}/metrics.jsonl")
     if args.export_peft:
         import shutil
-        Path(args.export_peft).mkdir(parents=True, exist_ok=True)
-        for name in ("adapter_config.json", "adapter_model.safetensors"):
-            shutil.copyfile(out_dir / name, Path(args.export_peft) / name)
+        export = Path(args.export_peft)
+        if export.resolve() != out_dir.resolve():
+            for name in ("adapter_config.json", "adapter_model.safetensors"):
+                atomic_write(export / name, lambda tmp: shutil.copyfile(out_dir / name, tmp))
         print(f"peft adapter written to {args.export_peft} (load with peft.PeftModel.from_pretrained)")
 
 
@@ -282,7 +308,11 @@ def cmd_predict(args):
     model = load_gpt(base, cls=GPTClassifier, num_labels=num_labels).to(device).eval()
     base_state = {k: v.clone() for k, v in model.state_dict().items() if ".ln_" in k or k.startswith("score.")}
 
-    lines = (Path(args.input).read_text() if args.input else sys.stdin.read()).splitlines()
+    try:
+        lines = (Path(args.input).read_text() if args.input else sys.stdin.read()).splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"--input {args.input}: cannot read it as UTF-8 text ({e}); give a text file with one "
+                        f"sentence per line.")
     jobs = []  # (line number, sentence, adapter names)
     for lineno, line in enumerate(lines, 1):
         name, tab, rest = line.partition("\t")
@@ -309,7 +339,7 @@ def cmd_predict(args):
         model.to(device)
         merge_adapters(model)
         labels = extras.get("labels") or [f"LABEL_{i}" for i in range(num_labels)]
-        ex = Examples.encode(tok, [j[1] for j in mine], [0] * len(mine), extras.get("max_length", 1024), name)
+        ex = Examples.encode(tok, [j[1] for j in mine], [0] * len(mine), min(extras.get("max_length", 1024), model.config.block_size), name)
         probs = []
         with torch.no_grad():
             for batch in ex.batches(args.batch_size):

@@ -79,12 +79,26 @@ def trainable_state(model):
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def rng_states(device):
+    states = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)  # dropout on a GPU draws from the GPU's generator
+    return states
+
+
+def set_rng_states(states, device):
+    torch.set_rng_state(states["cpu"])
+    if device.type == "cuda" and "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"], device)
+
+
 def fit(model, train, dev, cfg, device, out_dir, loss_fn=ce_loss, amp_dtype=None, resume=False,
-        on_epoch_end=None, on_best=None, stop_after_epoch=None):
+        on_epoch_end=None, on_best=None, stop_after_epoch=None, run_settings=None):
     """Train the parameters of `model` that require grad; after each epoch evaluate on dev, append
     the epoch's metrics to out_dir/metrics.jsonl, call on_epoch_end(history) (plots), call
     on_best(model, metrics) when dev MCC improves (save the adapter), and save out_dir/last.pt, from
-    which resume=True continues with exactly the numbers an uninterrupted run gives.
+    which resume=True continues with exactly the numbers an uninterrupted run gives. run_settings (a
+    JSON-able dict: model, adapter, data) must then equal the interrupted run's, like cfg.
     Returns the history: one dict of metrics per epoch."""
     out_dir = Path(out_dir)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -109,17 +123,21 @@ def fit(model, train, dev, cfg, device, out_dir, loss_fn=ce_loss, amp_dtype=None
     ckpt_path = out_dir / "last.pt"
     if resume and ckpt_path.is_file():
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        missing = set(ckpt["trainable"]) ^ {n for n, p in model.named_parameters() if p.requires_grad}
-        if missing or ckpt["config"] != asdict(cfg):
+        shapes = {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
+        now = {"config": asdict(cfg), "settings": run_settings, "n_train": len(train), "shapes": shapes}
+        before = {"config": ckpt["config"], "settings": ckpt.get("settings"), "n_train": ckpt.get("n_train"),
+                  "shapes": {n: tuple(t.shape) for n, t in ckpt["trainable"].items()}}
+        differ = [k for k in now if now[k] != before[k]]
+        if differ:
             from utils import UserError
-            raise UserError(f"--resume: {ckpt_path} was written by a run with other settings "
-                            f"({'other trainable parameters' if missing else 'config ' + str(ckpt['config'])}); "
-                            f"rerun with the same flags, or delete {out_dir} to start afresh.")
+            raise UserError(f"--resume: {ckpt_path} was written by a run with other settings (they differ in: "
+                            f"{', '.join(differ)}); rerun with the same flags as the interrupted run, or delete "
+                            f"{ckpt_path} to start afresh.")
         model.load_state_dict(ckpt["trainable"], strict=False)
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
-        torch.set_rng_state(ckpt["rng"])
+        set_rng_states(ckpt["rng"], device)
         history, start_epoch, best_mcc = ckpt["history"], ckpt["epoch"] + 1, ckpt["best_mcc"]
         print(f"resumed from {ckpt_path} after epoch {start_epoch} of {cfg.epochs}")
     elif resume:
@@ -148,9 +166,9 @@ def fit(model, train, dev, cfg, device, out_dir, loss_fn=ce_loss, amp_dtype=None
             correct += int((logits.argmax(-1) == batch["labels"]).sum())
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
         train_time = time.time() - t0
-        rng = torch.get_rng_state()  # evaluation must not move the training's random stream
+        rng = rng_states(device)  # evaluation must not move the training's random stream
         dev_metrics = evaluate(model, dev, device, cfg.eval_batch_size, loss_fn=ce_loss, amp_dtype=amp_dtype)
-        torch.set_rng_state(rng)
+        set_rng_states(rng, device)
         row = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": correct / seen,
                "dev_loss": dev_metrics["loss"], "dev_acc": dev_metrics["acc"], "dev_mcc": dev_metrics["mcc"],
                "lr": scheduler.get_last_lr()[0], "train_sentences_per_s": seen / train_time}
@@ -166,8 +184,9 @@ def fit(model, train, dev, cfg, device, out_dir, loss_fn=ce_loss, amp_dtype=None
         if on_epoch_end:
             on_epoch_end(history)
         state = {"epoch": epoch, "trainable": trainable_state(model), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": torch.get_rng_state(),
-                 "history": history, "best_mcc": best_mcc, "config": asdict(cfg)}
+                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_states(device),
+                 "history": history, "best_mcc": best_mcc, "config": asdict(cfg), "settings": run_settings,
+                 "n_train": len(train)}
         atomic_write(ckpt_path, lambda tmp: torch.save(state, tmp))
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
             break  # tests use this to stand for a run killed between epochs

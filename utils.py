@@ -38,6 +38,11 @@ def pick_device(name="auto"):
         raise UserError(f"--device {name!r} is not a device torch knows; use auto, cpu, cuda, cuda:N or mps.")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name} was asked for, but this torch sees no CUDA GPU; use --device cpu or auto.")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), numbered from 0.")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError(f"--device {name} was asked for, but this torch has no MPS (Apple GPU) support; use "
+                        f"--device cpu or auto.")
     return device
 
 
@@ -392,7 +397,11 @@ def read_adapter(adapter_dir):
             t = t.reshape(-1)
         ours[name] = t
     extras_path = d / "run_config.json"
-    extras = json.loads(extras_path.read_text()) if extras_path.is_file() else {}
+    try:
+        extras = json.loads(extras_path.read_text()) if extras_path.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"--adapter {adapter_dir}: run_config.json is not valid JSON ({e}); delete it (the adapter "
+                        f"then loads like any peft adapter, with labels LABEL_0, LABEL_1) or restore it.")
     return {"kind": kind, **settings}, ours, extras
 
 

@@ -219,8 +219,10 @@ def test_gen_cli_missing_tokenizer_error(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["gen", "abc"], "SR must be a non-negative integer"),
     (["gen", "-5"], "SR must be a non-negative integer"),
+    (["gen", str(2**64)], "SR must be a non-negative integer"),
+    (["gen", "1", "--temperature", "nan"], "argument --temperature"),
     (["gen", "1", "--model", "/no/such/dir"], "no such directory"),
-    (["gen", "1", "--temperature", "-1", "--model", "/no/such/dir"], "--temperature must be >= 0"),
+    (["gen", "1", "--temperature", "-1", "--model", "/no/such/dir"], "argument --temperature: expected a number >= 0"),
     (["gen", "1", "--device", "cuda"], "no CUDA GPU"),
 ])
 def test_gen_cli_bad_input(args, message):

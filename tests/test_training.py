@@ -121,6 +121,17 @@ def test_resume_with_other_settings_is_refused(tiny_dir, tmp_path):
     fit(lora_model(tiny_dir, 1), train, dev, TrainConfig(epochs=2, seed=1), CPU, tmp_path, stop_after_epoch=1)
     with pytest.raises(UserError, match="other settings"):
         fit(lora_model(tiny_dir, 1), train, dev, TrainConfig(epochs=2, seed=1, lr=5e-3), CPU, tmp_path, resume=True)
+    # Settings outside the loop's config (here the LoRA alpha) are compared too ...
+    with pytest.raises(UserError, match="differ in: settings"):
+        fit(lora_model(tiny_dir, 1), train, dev, TrainConfig(epochs=2, seed=1), CPU, tmp_path, resume=True,
+            run_settings={"lora_alpha": 32})
+    # ... and so are the adapter shapes (another rank), which must not surface as a load_state_dict traceback.
+    seed_everything(1)
+    other_rank = load_gpt(tiny_dir, cls=GPTClassifier, num_labels=2)
+    inject_adapters(other_rank, "lora", GPT2_TARGETS, r=8, alpha=8.0)
+    mark_trainable(other_rank)
+    with pytest.raises(UserError, match="differ in: shapes"):
+        fit(other_rank, train, dev, TrainConfig(epochs=2, seed=1), CPU, tmp_path, resume=True)
 
 
 def test_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path):
