@@ -138,7 +138,7 @@ def print_config(args):
 
 def cmd_gen(args):
     import torch
-    from model import GPT, merge_adapters
+    from model import merge_adapters
     from utils import UserError, attach_adapter, autocast_dtype, load_gpt, load_tokenizer, pick_device, \
         read_adapter, seed_everything
 
@@ -183,9 +183,8 @@ def cmd_gen(args):
 # --------------------------------------------------------------------------- LoRA
 
 def cmd_lora(args):
-    import torch
     from model import GPT2_TARGETS, GPTClassifier, inject_adapters, mark_trainable
-    from train_utils import TrainConfig, classification_metrics, fit, write_plots
+    from train_utils import TrainConfig, fit, write_plots
     from utils import Examples, UserError, adapter_settings, atomic_write, autocast_dtype, load_cola, load_gpt, \
         load_tokenizer, pick_device, save_adapter, seed_everything
 
@@ -339,7 +338,8 @@ def cmd_predict(args):
         model.to(device)
         merge_adapters(model)
         labels = extras.get("labels") or [f"LABEL_{i}" for i in range(num_labels)]
-        ex = Examples.encode(tok, [j[1] for j in mine], [0] * len(mine), min(extras.get("max_length", 1024), model.config.block_size), name)
+        max_length = min(extras.get("max_length", 1024), model.config.block_size)
+        ex = Examples.encode(tok, [j[1] for j in mine], [0] * len(mine), max_length, name)
         probs = []
         with torch.no_grad():
             for batch in ex.batches(args.batch_size):

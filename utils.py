@@ -260,10 +260,8 @@ def load_cola(data_dir, eval_split="in_domain", skip_bad_rows=False):
                 raise UserError(f"no sentences in {', '.join(COLA_FILES[p] for p in parts)} under {d}.")
             out[split] = (sents, labels)
         return out
-    if eval_split != "both":
-        hint = f"; the hub's GLUE validation set is both dev sets together, so also pass --eval-split both"
-    else:
-        hint = ""
+    hint = ("; the hub's GLUE validation set is both dev sets together, so also pass --eval-split both"
+            if eval_split != "both" else "")
     try:
         import datasets
         datasets.logging.set_verbosity_error()
@@ -275,8 +273,8 @@ def load_cola(data_dir, eval_split="in_domain", skip_bad_rows=False):
                         f"CoLA files (in_domain_train.tsv, in_domain_dev.tsv) in data/cola or pass "
                         f"--data-dir DIR (here: --data-dir ../shared/data/cola/raw){hint}.")
     if eval_split != "both":
-        raise UserError(f"CoLA came from the hub, whose validation set mixes in- and out-of-domain dev "
-                        f"sentences: pass --eval-split both, or point --data-dir at the raw files.")
+        raise UserError("CoLA came from the hub, whose validation set mixes in- and out-of-domain dev "
+                        "sentences: pass --eval-split both, or point --data-dir at the raw files.")
     return {"train": (list(ds["train"]["sentence"]), list(ds["train"]["label"])),
             "dev": (list(ds["validation"]["sentence"]), list(ds["validation"]["label"]))}
 
