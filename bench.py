@@ -5,7 +5,10 @@ side by side with ratios and the targets, in one run. CPU, float32, no hub neede
     python bench.py lora    LoRA training on CoLA: sentences/s of ours vs transformers+peft, ours' FLOP/s
                             against this machine's matmul peak, peak memory of each, and ours' evaluation
                             speed with the adapters merged vs unmerged
-    python bench.py all     both
+    python bench.py distil  distillation on CoLA, ours only: a distil epoch with the teacher-logit cache vs
+                            an rnn epoch, vs a distil epoch that runs the teacher every batch, and the
+                            student's inference speed vs the teacher's (GPT-2 with a merged LoRA adapter)
+    python bench.py all     all three
 
 Both sides run on one random-weight checkpoint of the real gpt2 shape (12 layers, 768 wide, 50257
 tokens, 1024 positions), written by transformers' own save_pretrained under --workdir (reused if there).
@@ -14,6 +17,9 @@ Everything timed runs after a warm-up, and whatever is compared within one proce
 side trains in its own subprocess (`bench.py _lora_worker ours|peft`, which prints JSON), so that its
 peak resident memory is its own; ours' process also times a 2048^3 matmul between its steps (the
 machine's peak, for the FLOP/s fraction) and the same steps with dropout off (a diagnostic).
+distil's teacher is our GPTClassifier on that checkpoint with a LoRA adapter merged, its student
+run.py's DistilRNN with its defaults; the epochs are train_utils.fit's own (its "train_seconds", which
+leave out the evaluation), on a fixed random subset of CoLA's training sentences, in turns as above.
 """
 import argparse
 import json
@@ -120,7 +126,8 @@ def bench_gen(args, ckpt):
 def cola_batches(args):
     """The first warmup+steps shuffled batches of CoLA's training set, dynamically padded, as `run.py LoRA`
     makes them (same tokenizer, max length 128, utils.Examples)."""
-    from utils import Examples, load_cola, load_tokenizer
+    from data import Examples, load_cola
+    from utils import load_tokenizer
     sentences, labels = load_cola(args.data_dir)["train"]
     train = Examples.encode(load_tokenizer(args.tokenizer), sentences, labels, 128, "train")
     batches = []
@@ -285,12 +292,133 @@ def bench_lora(args, ckpt):
           f"{m_sps / um_sps:.2f}x", flush=True)
 
 
+# --------------------------------------------------------------------------- distillation
+
+def bench_distil(args, ckpt):
+    """distil vs rnn epochs (teacher-logit cache, teacher every batch) and student vs teacher inference."""
+    import functools
+    import io
+    from contextlib import redirect_stderr, redirect_stdout
+    from data import Examples, load_cola
+    from model import (GPT2_TARGETS, DistilRNN, GPTClassifier, RNNConfig, inject_adapters, mark_trainable,
+                       merge_adapters)
+    from train_utils import TrainConfig, ce_loss, fit, kd_loss, predict_logits
+    from utils import load_gpt, load_tokenizer
+
+    device = torch.device("cpu")
+    tok = load_tokenizer(args.tokenizer)
+    cola = load_cola(args.data_dir)
+    sentences, labels = cola["train"]
+    # A fixed random subset (not the file's first rows, which come from a few sources only).
+    pick = torch.randperm(len(sentences), generator=torch.Generator().manual_seed(0))[:args.distil_sentences].tolist()
+    train = Examples.encode(tok, [sentences[i] for i in pick], [labels[i] for i in pick], 128, "distil train")
+    n, n_naive = len(train), min(args.distil_naive_sentences, len(train))
+    dev = Examples.encode(tok, *(x[:64] for x in cola["dev"]), 128, "distil dev")  # fit's evaluation: untimed
+
+    def subset(k, **extras):
+        return Examples(train.ids[:k], train.labels[:k].tolist(), train.pad_id,
+                        **{name: v[:k] for name, v in extras.items()})
+
+    teacher = load_gpt(str(ckpt), cls=GPTClassifier, num_labels=2)
+    inject_adapters(teacher, "lora", GPT2_TARGETS, r=4, alpha=4.0)
+    mark_trainable(teacher)
+    merge_adapters(teacher)  # as run.py's Teacher: inference at the base model's speed
+    teacher.eval()
+    rnn_config = RNNConfig(vocab_size=50257)
+    student_params = sum(p.numel() for p in DistilRNN(rnn_config).parameters())
+    teacher_params = sum(p.numel() for p in teacher.parameters())
+    bs, infer_bs = 32, 64  # run.py's student batch; run.py's teacher-logit batch, for both models' inference
+
+    # The cache: the teacher once over the training sentences (also its warm-up), logits in example order.
+    t0 = time.perf_counter()
+    logits = predict_logits(teacher, train, device, infer_bs, progress=False)
+    cache_s = time.perf_counter() - t0
+    cached = Examples(train.ids, train.labels.tolist(), train.pad_id, teacher_logits=logits)
+    kd = functools.partial(kd_loss, temperature=2.0, alpha=0.5)
+
+    def kd_teacher_every_batch(student_logits, batch):  # the naive way: the teacher runs in every step
+        with torch.no_grad():
+            batch["teacher_logits"] = teacher(batch["input_ids"], batch["attention_mask"])
+        return kd(student_logits, batch)
+
+    def epoch_seconds(examples, loss_fn):
+        """One epoch of train_utils.fit (run.py's student settings) from the same initial student; fit's
+        own training time of the epoch, which leaves out its evaluation and file writing."""
+        torch.manual_seed(0)
+        student = DistilRNN(rnn_config)
+        cfg = TrainConfig(epochs=1, lr=2e-3, batch_size=bs, weight_decay=0.0, seed=0)
+        with tempfile.TemporaryDirectory(prefix="bench-distil-") as out, \
+                redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):  # fit's epoch line, progress bar
+            history = fit(student, examples, dev, cfg, device, out, loss_fn=loss_fn)
+        return history[-1]["train_seconds"]
+
+    student = DistilRNN(rnn_config).eval()
+
+    def infer(model, examples):
+        return timed(lambda: predict_logits(model, examples, device, infer_bs, progress=False))
+
+    infer_set = subset(args.distil_infer_sentences)
+    m = len(infer_set)
+    warm = 2 * bs  # warm-ups: two batches of each
+    epoch_seconds(subset(warm), ce_loss)
+    epoch_seconds(subset(warm, teacher_logits=logits), kd)
+    epoch_seconds(subset(warm), kd_teacher_every_batch)
+    infer(student, subset(warm))
+    infer(teacher, subset(warm))
+    t_rnn, t_kd, t_naive, t_student, t_teacher = [], [], [], [], []
+    for _ in range(args.distil_repeats):  # in turns, so that a slow spell hits all alike
+        t_rnn.append(epoch_seconds(train, ce_loss))
+        t_kd.append(epoch_seconds(cached, kd))
+        t_naive.append(epoch_seconds(subset(n_naive), kd_teacher_every_batch) * n / n_naive)  # per sentence
+        t_student.append(infer(student, infer_set))
+        t_teacher.append(infer(teacher, infer_set))
+    rnn_s, kd_s, naive_s = (statistics.median(t) for t in (t_rnn, t_kd, t_naive))
+    student_sps, teacher_sps = m / statistics.median(t_student), m / statistics.median(t_teacher)
+    ratio = kd_s / rnn_s
+    naive_note = (f"measured on {n_naive} of the {n} sentences, scaled per sentence" if n_naive < n
+                  else "measured on all of them")
+
+    def spread(t, fmt="{:.2f} s"):
+        return f"{fmt.format(min(t))}-{fmt.format(max(t))}"
+
+    print(f"distil: one epoch of train_utils.fit on a fixed random subset of {n} CoLA training sentences "
+          f"({sum(map(len, train.ids))} tokens), batches of {bs}, lr 2e-3, fit's own train_seconds (its dev "
+          f"evaluation left out); median of {args.distil_repeats} runs per kind, in turns, after a warm-up. "
+          f"Student: DistilRNN with its defaults (biGRU, emb 64, hidden 128, max pool; {student_params / 1e6:.2f}M "
+          f"parameters); teacher: our GPTClassifier, gpt2 shape, random weights, LoRA r=4 merged "
+          f"({teacher_params / 1e6:.1f}M); kd_loss T=2 alpha=0.5")
+    print(f"distil: teacher-logit cache built in {cache_s:.1f} s (one teacher pass over the {n} sentences, "
+          f"batches of {infer_bs}; once per data set: run.py keeps it on disk, so later runs skip even that)")
+    print(f"distil: teacher every batch: {naive_note}")
+    print()
+    print("| what | this | reference | ratio | target |")
+    print("|---|---|---|---|---|")
+    print(f"| distil epoch (teacher-logit cache) vs rnn epoch, {n} sentences | {kd_s:.2f} s | rnn {rnn_s:.2f} s | "
+          f"**{ratio:.2f}x** | <= 1.2x{'' if ratio <= 1.2 else ': **missed**'} |")
+    print(f"| distil epoch: cache vs teacher every batch | {kd_s:.2f} s | {naive_s:.1f} s (per batch; "
+          f"{'scaled from ' + str(n_naive) + ' sentences' if n_naive < n else 'all sentences'}) | "
+          f"**{kd_s / naive_s:.3f}x** = {naive_s / kd_s:.0f}x faster | |")
+    print(f"| inference, student vs teacher ({m} sentences, batches of {infer_bs}, eval, no_grad) | "
+          f"{student_sps:.0f} sent/s | teacher {teacher_sps:.1f} sent/s | **{student_sps / teacher_sps:.0f}x** | |")
+    print()
+    student_spread, teacher_spread = spread([m / t for t in t_student], "{:.0f}"), spread([m / t for t in t_teacher],
+                                                                                          "{:.1f}")
+    print(f"distil: spread of the runs: rnn {spread(t_rnn)}, distil (cache) {spread(t_kd)}, distil (teacher "
+          f"every batch) {spread(t_naive, '{:.1f} s')}; inference student {student_spread} sent/s, teacher "
+          f"{teacher_spread} sent/s")
+    print(f"distil README: on {n} CoLA sentences a distil epoch with the teacher-logit cache takes {kd_s:.2f} s, "
+          f"{ratio:.2f}x an rnn epoch ({rnn_s:.2f} s; target <= 1.2x) and {naive_s / kd_s:.0f}x less than running "
+          f"the teacher every batch ({naive_s:.1f} s); the cache costs one teacher pass ({cache_s:.1f} s); the "
+          f"student infers {student_sps / teacher_sps:.0f}x faster than the teacher ({student_sps:.0f} vs "
+          f"{teacher_sps:.1f} sent/s)", flush=True)
+
+
 # --------------------------------------------------------------------------- main
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("what", choices=["gen", "lora", "all", "_lora_worker"], help="what to benchmark")
+    p.add_argument("what", choices=["gen", "lora", "distil", "all", "_lora_worker"], help="what to benchmark")
     p.add_argument("side", nargs="?", choices=["ours", "peft"], help=argparse.SUPPRESS)
     p.add_argument("--workdir", help="where the random-weight checkpoint is written, and reused next time; "
                    "None: a temporary directory, removed afterwards")
@@ -306,6 +434,13 @@ def main():
     p.add_argument("--batch-size", type=int, default=32, help="lora: sentences per step")
     p.add_argument("--eval-batches", type=int, default=5, help="lora: batches (of the timed ones) to evaluate")
     p.add_argument("--eval-repeats", type=int, default=5, help="lora: evaluations, merged and unmerged in turn")
+    p.add_argument("--distil-sentences", type=int, default=1024, help="distil: CoLA training sentences per epoch "
+                   "(a fixed random subset)")
+    p.add_argument("--distil-naive-sentences", type=int, default=256, help="distil: of them, those the epoch that "
+                   "runs the teacher every batch trains on (its time is scaled per sentence to the full epoch)")
+    p.add_argument("--distil-infer-sentences", type=int, default=256, help="distil: of them, those both models "
+                   "infer for the inference speeds")
+    p.add_argument("--distil-repeats", type=int, default=3, help="distil: timed runs of each kind, in turns")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     tmp = None
@@ -325,6 +460,8 @@ def main():
         bench_gen(args, ckpt)
     if args.what in ("lora", "all"):
         bench_lora(args, ckpt)
+    if args.what in ("distil", "all"):
+        bench_distil(args, ckpt)
 
 
 if __name__ == "__main__":

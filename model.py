@@ -1,6 +1,6 @@
 """The models: a hand-written GPT-2, parameter-efficient adapters, and the DistilRNN student.
 
-Read top to bottom: config -> attention -> MLP -> Block -> GPT (+ classifier) -> adapters.
+Read top to bottom: config -> attention -> MLP -> Block -> GPT (+ classifier) -> adapters -> the student.
 Everything here is plain PyTorch; files and the hub are utils.py's business.
 """
 import math
@@ -468,21 +468,70 @@ def mark_trainable(model, train_layernorm=True, head_names=("score",)):
 
 # --------------------------------------------------------------------------- the student
 
-class DistilRNN(nn.Module):
-    """A small bidirectional GRU classifier: the student of distillation and the from-scratch baseline."""
+@dataclass
+class RNNConfig:
+    vocab_size: int = 50257
+    num_labels: int = 2
+    rnn_type: str = "gru"        # gru, lstm, or rnn (the plain tanh RNN of the course assignment)
+    emb_dim: int = 64
+    hidden: int = 128
+    n_layers: int = 1
+    bidirectional: bool = True
+    pool: str = "max"            # last (final hidden states), mean or max over the real tokens
+    dropout: float = 0.2
 
-    def __init__(self, vocab_size, num_labels=2, emb_dim=128, hidden=256, n_layers=1, dropout=0.1):
+
+class DistilRNN(nn.Module):
+    """The student: token embedding -> recurrent encoder -> pooled sentence vector -> dropout -> linear.
+    Padding never reaches the sentence vector, on whichever side it is (tested)."""
+
+    def __init__(self, config):
         super().__init__()
-        self.embed = nn.Embedding(vocab_size, emb_dim)
-        self.rnn = nn.GRU(emb_dim, hidden, num_layers=n_layers, batch_first=True, bidirectional=True,
-                          dropout=dropout if n_layers > 1 else 0.0)
-        self.dropout = nn.Dropout(dropout)
-        self.score = nn.Linear(2 * hidden, num_labels)
+        assert config.rnn_type in ("gru", "lstm", "rnn"), f"unknown rnn_type {config.rnn_type!r}"
+        assert config.pool in ("last", "mean", "max"), f"unknown pool {config.pool!r}"
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.emb_dim)
+        rnn = {"gru": nn.GRU, "lstm": nn.LSTM, "rnn": nn.RNN}[config.rnn_type]
+        self.rnn = rnn(config.emb_dim, config.hidden, num_layers=config.n_layers, batch_first=True,
+                       bidirectional=config.bidirectional, dropout=config.dropout if config.n_layers > 1 else 0.0)
+        self.dropout = nn.Dropout(config.dropout)
+        self.score = nn.Linear(config.hidden * (2 if config.bidirectional else 1), config.num_labels)
 
     def forward(self, idx, attention_mask=None):
-        lengths = (attention_mask.sum(1) if attention_mask is not None
-                   else torch.full((idx.shape[0],), idx.shape[1])).cpu()
-        packed = nn.utils.rnn.pack_padded_sequence(self.embed(idx), lengths, batch_first=True,
+        if attention_mask is None:
+            attention_mask = torch.ones_like(idx)
+        mask = attention_mask.bool()
+        # Move each row's real tokens to the front, in order (a stable sort): left padding becomes right
+        # padding, which is what pack_padded_sequence expects.
+        if not bool(mask[:, 0].all()):
+            order = torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices
+            idx, mask = idx.gather(1, order), mask.gather(1, order)
+        lengths = mask.sum(1)
+        assert bool((lengths > 0).all()), "every sentence needs at least one real token"
+        # The recurrence never sees a pad: packed sequences stop each row at its own length.
+        packed = nn.utils.rnn.pack_padded_sequence(self.embed(idx), lengths.cpu(), batch_first=True,
                                                    enforce_sorted=False)
-        _, h = self.rnn(packed)  # h: (n_layers * 2, B, hidden)
-        return self.score(self.dropout(torch.cat([h[-2], h[-1]], dim=1)))
+        out, h = self.rnn(packed)
+        if self.config.pool == "last":
+            h = h[0] if isinstance(h, tuple) else h  # an LSTM returns (h, c)
+            # The top layer's final states: forward after the last real token, backward after the first.
+            v = torch.cat([h[-2], h[-1]], 1) if self.config.bidirectional else h[-1]
+        else:
+            out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=idx.shape[1])
+            real = mask[:, :, None]
+            if self.config.pool == "mean":
+                v = (out * real).sum(1) / lengths[:, None].to(out.dtype)
+            else:
+                v = out.masked_fill(~real, float("-inf")).max(1).values
+        return self.score(self.dropout(v))
+
+
+def pca_embeddings(weight, dim):
+    """The rows of a (vocab, d) embedding matrix projected on its top `dim` principal directions and
+    scaled to unit variance (nn.Embedding's own initial scale): the student's start from the teacher's
+    token geometry. Deterministic (an eigendecomposition of the d x d covariance, no random SVD)."""
+    assert dim <= weight.shape[1], f"cannot keep {dim} of {weight.shape[1]} dimensions"
+    x = weight.double() - weight.double().mean(0)
+    _, vectors = torch.linalg.eigh(x.T @ x)            # ascending eigenvalues
+    projected = x @ vectors[:, -dim:].flip(1)          # the largest first
+    return (projected / projected.std()).float()

@@ -1,7 +1,9 @@
 """The command line: python run.py MODE SR [flags]. Each mode wires utils (files, data), model and
 train_utils (the loop) together; run `python run.py MODE --help` for its flags."""
 import argparse
+import json
 import math
+import shlex
 import os
 import sys
 import time
@@ -64,6 +66,54 @@ def add_common(p):
                    help="autocast precision; auto = bf16 on CUDA, fp32 elsewhere")
 
 
+def add_data(p):
+    p.add_argument("--data-dir", default=os.environ.get("COLA_DIR", "data/cola"),
+                   help="directory with CoLA's raw in_domain_train.tsv and in_domain_dev.tsv (default: $COLA_DIR "
+                   "or data/cola; if absent, the hub's GLUE copy is tried)")
+    p.add_argument("--eval-split", default="in_domain", choices=["in_domain", "out_of_domain", "both"])
+    p.add_argument("--max-length", type=positive(int), default=128, help="truncate longer sentences (counted)")
+    p.add_argument("--skip-bad-rows", action="store_true", help="skip malformed data rows instead of stopping")
+    p.add_argument("--limit-train", type=positive(int), help="use only the first N training sentences (quick runs)")
+
+
+def add_training(p, epochs, lr, batch_size, weight_decay):
+    p.add_argument("--epochs", type=positive(int), default=epochs)
+    p.add_argument("--lr", type=positive(float), default=lr)
+    p.add_argument("--batch-size", type=positive(int), default=batch_size)
+    p.add_argument("--weight-decay", type=non_negative, default=weight_decay)
+    p.add_argument("--warmup-ratio", type=fraction, default=0.06)
+    p.add_argument("--grad-clip", type=positive(float), default=1.0)
+    p.add_argument("--plots-dir", default="plots")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last epoch")
+
+
+def add_student(p, distil):
+    p.add_argument("--rnn-type", default="gru", choices=["gru", "lstm", "rnn"],
+                   help="the recurrent cell; rnn is the plain tanh RNN of the course assignment")
+    p.add_argument("--rnn-layers", type=positive(int), default=1)
+    p.add_argument("--hidden", type=positive(int), default=128, help="hidden size per direction")
+    p.add_argument("--emb-dim", type=positive(int), default=64, help="token embedding size")
+    p.add_argument("--bidirectional", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--pool", default="max", choices=["last", "mean", "max"],
+                   help="sentence vector: final hidden states, or mean or max over the real tokens")
+    p.add_argument("--dropout", type=fraction, default=0.2)
+    p.add_argument("--seeds", type=positive(int), default=1, help="train K students, seeds SR, SR+1, ..., SR+K-1 "
+                   "(one seed of a small RNN on CoLA is noise; the comparison shows mean ± std)")
+    p.add_argument("--models-dir", default="models", help="runs go to MODELS_DIR/%s_<seed>/; the teacher is "
+                   "looked for in MODELS_DIR/LoRA_<SR>/" % ("distil" if distil else "rnn"))
+    if distil:
+        p.add_argument("--teacher", help="adapter directory of the teacher (this project's or peft's); default: "
+                       "MODELS_DIR/LoRA_<SR>, what `run.py LoRA <SR>` writes")
+        p.add_argument("--temperature", type=positive(float), default=2.0, help="softens both distributions")
+        p.add_argument("--alpha", type=float, default=0.5, help="weight of the soft (teacher) term, in [0, 1]")
+        p.add_argument("--augment", type=int, default=0, metavar="N", help="N extra unlabelled sentences per "
+                       "training sentence (Tang et al. 2019: masking, swapping, n-grams), taught by the teacher only")
+        p.add_argument("--cache-dir", default=None, help="where teacher logits are cached (default: "
+                       "MODELS_DIR/teacher_cache)")
+        p.add_argument("--init-embeddings-from-teacher", action="store_true",
+                       help="start the student's token embeddings from the teacher's (PCA to --emb-dim)")
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="run.py", description="Parameter-efficient fine-tuning and knowledge "
                                      "distillation of GPT-2.")
@@ -84,13 +134,7 @@ def build_parser():
 
     p = sub.add_parser("LoRA", help="fine-tune GPT-2 with LoRA (or IA3) adapters on CoLA", **fmt)
     add_common(p)
-    p.add_argument("--data-dir", default=os.environ.get("COLA_DIR", "data/cola"),
-                   help="directory with CoLA's raw in_domain_train.tsv and in_domain_dev.tsv (default: $COLA_DIR "
-                   "or data/cola; if absent, the hub's GLUE copy is tried)")
-    p.add_argument("--eval-split", default="in_domain", choices=["in_domain", "out_of_domain", "both"])
-    p.add_argument("--max-length", type=positive(int), default=128, help="truncate longer sentences (counted)")
-    p.add_argument("--skip-bad-rows", action="store_true", help="skip malformed data rows instead of stopping")
-    p.add_argument("--limit-train", type=positive(int), help="use only the first N training sentences (quick runs)")
+    add_data(p)
     p.add_argument("--peft", default="lora", choices=["lora", "ia3"])
     p.add_argument("--lora-rank", type=positive(int), default=4)
     p.add_argument("--lora-alpha", type=float, help="default: equal to the rank (scaling 1)")
@@ -101,37 +145,85 @@ def build_parser():
     p.add_argument("--feedforward-modules", nargs="+", help="IA3 only: targets whose input, not output, is "
                    "scaled (default: mlp.c_proj)")
     p.add_argument("--no-train-layernorm", action="store_true", help="freeze the layer norms too")
-    p.add_argument("--epochs", type=positive(int), default=5)
-    p.add_argument("--lr", type=positive(float), default=1e-3)
-    p.add_argument("--batch-size", type=positive(int), default=32)
-    p.add_argument("--weight-decay", type=non_negative, default=0.01)
-    p.add_argument("--warmup-ratio", type=fraction, default=0.06)
-    p.add_argument("--grad-clip", type=positive(float), default=1.0)
+    add_training(p, epochs=5, lr=1e-3, batch_size=32, weight_decay=0.01)
     p.add_argument("--out-dir", help="where the adapter, metrics and resume checkpoint go (default: models/LoRA_<SR>)")
-    p.add_argument("--plots-dir", default="plots")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last epoch")
     p.add_argument("--export-peft", metavar="DIR", help="also copy the best adapter, in peft's format, to DIR")
 
-    p = sub.add_parser("predict", help="classify sentences with one or more trained adapters over one base model",
-                       **fmt)
+    for mode, text in (("distil", "distil the LoRA-tuned GPT-2 (teacher) into a small RNN (student)"),
+                       ("rnn", "train the same RNN from scratch on the labels alone, for comparison")):
+        p = sub.add_parser(mode, help=text, **fmt)
+        add_common(p)
+        p.set_defaults(model=None)
+        add_data(p)
+        add_student(p, distil=mode == "distil")
+        add_training(p, epochs=10, lr=2e-3, batch_size=32, weight_decay=0.0)
+
+    p = sub.add_parser("predict", help="classify sentences with trained adapters over one base model, or with "
+                       "students", **fmt)
     add_common(p)
     p.set_defaults(model=None)
     p.add_argument("--adapter", action="append", required=True, metavar="[NAME=]PATH",
-                   help="adapter directory; repeat with NAME=PATH for several adapters over one base model")
+                   help="adapter directory, or a student directory of `run.py distil|rnn` (recognised by its "
+                   "student.safetensors); repeat with NAME=PATH for several over one base model")
     p.add_argument("--input", help="file with one sentence per line (default: standard input). A line "
                    "'NAME<TAB>sentence' goes to adapter NAME only; other lines go to every adapter")
     p.add_argument("--batch-size", type=positive(int), default=64)
-
-    for mode, text in (("distil", "distil the fine-tuned GPT-2 into a small RNN"),
-                       ("rnn", "train the same RNN from scratch")):
-        p = sub.add_parser(mode, help=text + " (not yet implemented)")
-        p.add_argument("SR", type=seed_arg)
-        p.add_argument("rest", nargs=argparse.REMAINDER)
     return parser
 
 
 def print_config(args):
-    print("configuration: " + ", ".join(f"{k}={v}" for k, v in vars(args).items() if k != "rest"), flush=True)
+    print("configuration: " + ", ".join(f"{k}={v}" for k, v in vars(args).items() if k != "command"), flush=True)
+
+
+def check_writable(dirs):
+    """A bad output path must fail now, not after an hour of training (and without creating anything)."""
+    from utils import UserError
+    for flag, d in dirs:
+        if d is None:
+            continue
+        existing = Path(d).resolve()
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.is_dir() or not os.access(existing, os.W_OK):
+            raise UserError(f"{flag} {d}: cannot write a directory there ({existing} is "
+                            f"{'not a directory' if not existing.is_dir() else 'not writable'}); choose another path.")
+
+
+def cola_examples(args, tok):
+    """(training sentences, labels, train Examples, dev Examples, majority-class accuracy on dev)."""
+    from data import Examples, load_cola
+    data = load_cola(args.data_dir, args.eval_split, args.skip_bad_rows)
+    train_s, train_l = data["train"]
+    if args.limit_train:
+        train_s, train_l = train_s[:args.limit_train], train_l[:args.limit_train]
+    train = Examples.encode(tok, train_s, train_l, args.max_length, "train")
+    dev = Examples.encode(tok, *data["dev"], args.max_length, f"dev ({args.eval_split})")
+    majority = max(dev.labels.float().mean().item(), 1 - dev.labels.float().mean().item())
+    print(f"CoLA: {len(train)} training and {len(dev)} dev sentences ({args.eval_split}); majority-class "
+          f"baseline on dev: accuracy {majority:.4f}, MCC 0.0000")
+    return train_s, train_l, train, dev, majority
+
+
+def train_run(args, name, model, train, dev, majority, out_dir, save_best, run_settings, title, device, amp,
+              loss_fn=None, seed=None):
+    """What every training mode shares once its model, data and loss exist: the optimiser settings from
+    the flags, fit() with the best checkpoint saved by save_best(model, row) (which returns what to say),
+    plots redrawn every epoch, and the closing summary. Returns the history."""
+    from train_utils import TrainConfig, ce_loss, fit, write_plots
+    seed = args.SR if seed is None else seed
+    cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, weight_decay=args.weight_decay,
+                      warmup_ratio=args.warmup_ratio, grad_clip=args.grad_clip, seed=seed)
+    prefix = Path(args.plots_dir) / name
+    t0 = time.time()
+    history = fit(model, train, dev, cfg, device, out_dir, loss_fn=loss_fn or ce_loss, amp_dtype=amp,
+                  resume=args.resume, on_best=lambda m, row: print(save_best(m, row)),
+                  on_epoch_end=lambda h: write_plots(h, prefix, title, baseline_acc=majority),
+                  run_settings=run_settings)
+    best = max(history, key=lambda r: r["dev_mcc"])
+    print(f"done in {time.time() - t0:.0f} s. Best epoch {best['epoch']}: dev accuracy {best['dev_acc']:.4f}, "
+          f"MCC {best['dev_mcc']:.4f} (majority baseline {majority:.4f}, MCC 0). Saved: {out_dir}/; plots: "
+          f"{prefix}_loss.png, {prefix}_acc.png; metrics: {out_dir}/metrics.jsonl", flush=True)
+    return history
 
 
 # --------------------------------------------------------------------------- gen
@@ -184,9 +276,8 @@ def cmd_gen(args):
 
 def cmd_lora(args):
     from model import GPT2_TARGETS, GPTClassifier, inject_adapters, mark_trainable
-    from train_utils import TrainConfig, fit, write_plots
-    from utils import Examples, UserError, adapter_settings, atomic_write, autocast_dtype, load_cola, load_gpt, \
-        load_tokenizer, pick_device, save_adapter, seed_everything
+    from utils import UserError, adapter_settings, atomic_write, autocast_dtype, load_gpt, load_tokenizer, \
+        pick_device, save_adapter, seed_everything
 
     if args.peft == "ia3" and (args.rslora or args.lora_alpha is not None):
         raise UserError("--lora-alpha and --rslora apply to --peft lora only; IA3 has no rank or scaling.")
@@ -198,27 +289,9 @@ def cmd_lora(args):
     targets = args.target_modules or (list(GPT2_TARGETS) if args.peft == "lora" else ["attn.c_attn", "mlp.c_proj"])
     feedforward = args.feedforward_modules or (["mlp.c_proj"] if args.peft == "ia3" else [])
     print_config(args)
-    for flag, d in (("--out-dir", out_dir), ("--plots-dir", args.plots_dir), ("--export-peft", args.export_peft)):
-        if d is None:
-            continue
-        # A bad output path must fail now, not after an hour of training (and without creating anything).
-        existing = Path(d).resolve()
-        while not existing.exists():
-            existing = existing.parent
-        if not existing.is_dir() or not os.access(existing, os.W_OK):
-            raise UserError(f"{flag} {d}: cannot write a directory there ({existing} is "
-                            f"{'not a directory' if not existing.is_dir() else 'not writable'}); choose another path.")
-
-    data = load_cola(args.data_dir, args.eval_split, args.skip_bad_rows)
+    check_writable([("--out-dir", out_dir), ("--plots-dir", args.plots_dir), ("--export-peft", args.export_peft)])
     tok = load_tokenizer(args.tokenizer or args.model)
-    train_s, train_l = data["train"]
-    if args.limit_train:
-        train_s, train_l = train_s[:args.limit_train], train_l[:args.limit_train]
-    train = Examples.encode(tok, train_s, train_l, args.max_length, "train")
-    dev = Examples.encode(tok, *data["dev"], args.max_length, f"dev ({args.eval_split})")
-    majority = max(dev.labels.float().mean().item(), 1 - dev.labels.float().mean().item())
-    print(f"CoLA: {len(train)} training and {len(dev)} dev sentences ({args.eval_split}); majority-class "
-          f"baseline on dev: accuracy {majority:.4f}, MCC 0.0000")
+    _, _, train, dev, majority = cola_examples(args, tok)
 
     model = load_gpt(args.model, cls=GPTClassifier, num_labels=2)
     if args.max_length > model.config.block_size:
@@ -241,28 +314,21 @@ def cmd_lora(args):
                                 feedforward, modules_to_save=["score", *layernorms])
     settings["base_model_name_or_path"] = str(args.model)
     extras = {"model": str(args.model), "tokenizer": str(args.tokenizer or args.model), "labels": COLA_LABELS,
-              "task": "cola", "seed": args.SR, "max_length": args.max_length}
-    cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, weight_decay=args.weight_decay,
-                      warmup_ratio=args.warmup_ratio, grad_clip=args.grad_clip, seed=args.SR)
+              "task": "cola", "seed": args.SR, "max_length": args.max_length, "parameters": total,
+              "trainable_parameters": trainable, "majority_acc": majority, "command": args.command}
     title = (f"LoRA SR={args.SR}: {args.model}, {args.peft} r={args.lora_rank} alpha={alpha:g}, lr={args.lr:g}, "
              f"batch={args.batch_size}" if args.peft == "lora" else
              f"IA3 SR={args.SR}: {args.model}, lr={args.lr:g}, batch={args.batch_size}")
-    prefix = Path(args.plots_dir) / f"LoRA_{args.SR}"
 
-    def on_best(model, row):
+    def save_best(model, row):
         path = save_adapter(model, out_dir, settings, {**extras, "best": row})
-        print(f"  new best dev MCC {row['dev_mcc']:.4f}: adapter saved to {out_dir}/ "
-              f"({path.stat().st_size / 1024:.1f} KB; the full model in float32 is {4 * total / 2**20:.1f} MB)")
+        return (f"  new best dev MCC {row['dev_mcc']:.4f}: adapter saved to {out_dir}/ "
+                f"({path.stat().st_size / 1024:.1f} KB; the full model in float32 is {4 * total / 2**20:.1f} MB)")
 
-    t0 = time.time()
-    run_settings = {**settings, **extras, "eval_split": args.eval_split, "train_layernorm": not args.no_train_layernorm}
-    history = fit(model, train, dev, cfg, device, out_dir, amp_dtype=amp, resume=args.resume, on_best=on_best,
-                  on_epoch_end=lambda h: write_plots(h, prefix, title, baseline_acc=majority),
-                  run_settings=run_settings)
-    best = max(history, key=lambda r: r["dev_mcc"])
-    print(f"done in {time.time() - t0:.0f} s. Best epoch {best['epoch']}: dev accuracy {best['dev_acc']:.4f}, "
-          f"MCC {best['dev_mcc']:.4f} (majority baseline {majority:.4f}, MCC 0). Adapter: {out_dir}/; plots: "
-          f"{prefix}_loss.png, {prefix}_acc.png; metrics: {out_dir}/metrics.jsonl")
+    run_settings = {**settings, **{k: v for k, v in extras.items() if k != "command"}, "eval_split": args.eval_split,
+                    "train_layernorm": not args.no_train_layernorm}
+    train_run(args, f"LoRA_{args.SR}", model, train, dev, majority, out_dir, save_best, run_settings, title,
+              device, amp)
     if args.export_peft:
         import shutil
         export = Path(args.export_peft)
@@ -270,6 +336,254 @@ def cmd_lora(args):
             for name in ("adapter_config.json", "adapter_model.safetensors"):
                 atomic_write(export / name, lambda tmp: shutil.copyfile(out_dir / name, tmp))
         print(f"peft adapter written to {args.export_peft} (load with peft.PeftModel.from_pretrained)")
+
+
+# --------------------------------------------------------------------------- distil and rnn
+
+class Teacher:
+    """The LoRA-tuned GPT-2 of `run.py LoRA <SR>` as the teacher of distillation. Its files are checked
+    at once; the model itself is loaded (adapter merged, eval mode, no gradients) only when logits are
+    missing from the cache, so a second distil run never runs it."""
+
+    def __init__(self, args, device, amp):
+        from utils import WEIGHT_FILES, UserError, read_adapter, resolve_model_dir, sha256_files
+        self.dir = Path(args.teacher or Path(args.models_dir) / f"LoRA_{args.SR}")
+        self.make = (f"`python run.py LoRA {args.SR} --data-dir DIR` (with the --model and --tokenizer of this run) "
+                     f"writes it to models/LoRA_{args.SR}/")
+        if not self.dir.is_dir():
+            raise UserError(f"no teacher at {self.dir}: distillation needs the LoRA-tuned GPT-2 first; {self.make}. "
+                            f"Or pass --teacher DIR, an adapter directory of this project or of peft.")
+        try:
+            self.settings, self.tensors, extras = read_adapter(self.dir)
+            if "score.weight" not in self.tensors:
+                raise UserError("it holds no classification head (score.weight)")
+        except UserError as e:
+            raise UserError(f"the teacher {self.dir} is unusable: {e} Make it again: {self.make}.")
+        self.num_labels = self.tensors["score.weight"].shape[0]
+        if self.num_labels != len(COLA_LABELS):
+            raise UserError(f"the teacher {self.dir} has {self.num_labels} labels, CoLA has 2: it was trained for "
+                            f"another task. {self.make}.")
+        self.base = args.model or extras.get("model") or self.settings.get("base_model_name_or_path") or "gpt2"
+        self.tokenizer = args.tokenizer or extras.get("tokenizer") or self.base
+        base_dir = resolve_model_dir(self.base)
+        # What decides the logits besides the sentences: base weights, adapter, precision.
+        self.id = sha256_files([base_dir / "config.json", *(base_dir / w for w in WEIGHT_FILES),
+                                self.dir / "adapter_config.json", self.dir / "adapter_model.safetensors"])
+        self.id += f"|{amp}"
+        self.device, self.amp, self.model, self.parameters = device, amp, None, None
+
+    def load(self):
+        if self.model is None:
+            from model import GPTClassifier, merge_adapters
+            from utils import UserError, attach_adapter, load_gpt
+            try:
+                model = load_gpt(self.base, cls=GPTClassifier, num_labels=self.num_labels)
+                attach_adapter(model, self.settings, self.tensors)
+            except UserError as e:
+                raise UserError(f"the teacher {self.dir} does not fit the base model {self.base}: {e} {self.make}.")
+            merge_adapters(model)  # inference at the base model's speed
+            self.parameters = sum(p.numel() for p in model.parameters())
+            self.model = model.to(self.device).eval().requires_grad_(False)
+        return self.model
+
+    def logits(self, examples, name, cache_dir):
+        """The teacher's logits for `examples`: from the cache, or computed once and cached."""
+        from train_utils import predict_logits
+        from utils import cache_key, cache_path, read_cached_logits, write_cached_logits
+        key = cache_key(self.id, examples.ids)
+        logits, info = read_cached_logits(cache_dir, key, len(examples))
+        if logits is not None:
+            print(f"teacher logits for {name} ({len(examples)} sentences): read from the cache "
+                  f"{cache_path(cache_dir, key)}; the teacher did not run")
+            return logits, info
+        if info:
+            print(f"warning: teacher-logit cache: {info}")
+        model = self.load()
+        t0 = time.time()
+        logits = predict_logits(model, examples, self.device, 64, self.amp, desc=f"teacher: {name}")
+        seconds = time.time() - t0
+        info = {"teacher": str(self.dir), "base": str(self.base), "parameters": self.parameters,
+                "sentences_per_s": len(examples) / seconds}
+        path = write_cached_logits(cache_dir, key, logits, info)
+        print(f"teacher logits for {name} ({len(examples)} sentences): computed in {seconds:.1f} s "
+              f"({info['sentences_per_s']:.0f} sentences/s) and cached in {path}")
+        return logits, info
+
+
+def student_tokenizer(args):
+    """The teacher's tokenizer, so that both students read the same token ids: --tokenizer, else the one
+    the teacher (--teacher, or MODELS_DIR/LoRA_<SR>) was trained with, else --model's, else gpt2's."""
+    if args.tokenizer:
+        return args.tokenizer
+    config = Path(getattr(args, "teacher", None) or Path(args.models_dir) / f"LoRA_{args.SR}") / "run_config.json"
+    try:
+        return json.loads(config.read_text())["tokenizer"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return args.model or "gpt2"
+
+
+def teacher_embeddings(base, vocab_size, emb_dim):
+    """--init-embeddings-from-teacher: the teacher's token embeddings, PCA-projected to emb_dim."""
+    from model import pca_embeddings
+    from utils import UserError, load_state_dict_file, resolve_model_dir
+    sd = load_state_dict_file(resolve_model_dir(base))
+    wte = sd.get("transformer.wte.weight", sd.get("wte.weight"))
+    if wte is None or wte.shape[0] < vocab_size or emb_dim > wte.shape[1]:
+        raise UserError(f"--init-embeddings-from-teacher: {base} has no token embedding of at least {vocab_size} "
+                        f"rows and {emb_dim} columns; drop the flag or use --emb-dim <= the teacher's width.")
+    return pca_embeddings(wte[:vocab_size], emb_dim)
+
+
+def cmd_student(args):
+    """distil and rnn: the same DistilRNN, data, seeds, optimiser and schedule; distil adds the teacher's
+    soft targets (and, with --augment, a transfer set that only the teacher labels)."""
+    import functools
+    import torch
+    from data import Examples, augment
+    from model import DistilRNN, RNNConfig
+    from train_utils import IGNORE, classification_metrics, kd_loss, predict_logits
+    from utils import UserError, autocast_dtype, load_tokenizer, pick_device, save_student, seed_everything, \
+        tokenizer_fingerprint, write_json
+
+    distil = args.mode == "distil"
+    if distil and not 0 <= args.alpha <= 1:
+        raise UserError(f"--alpha {args.alpha}: the weight of the teacher's term must be in [0, 1] (0 = labels only, "
+                        f"1 = teacher only).")
+    if distil and args.augment < 0:
+        raise UserError(f"--augment {args.augment}: give a number of new sentences per training sentence, 0 or more.")
+    seeds = [args.SR + i for i in range(args.seeds)]
+    if seeds[-1] >= 2**32:
+        raise UserError(f"--seeds {args.seeds} from SR {args.SR} runs past the largest seed, 2^32 - 1; use fewer.")
+    device = pick_device(args.device)
+    amp = autocast_dtype(args.precision, device)
+    models_dir = Path(args.models_dir)
+    cache_dir = Path(args.cache_dir or models_dir / "teacher_cache") if distil else None
+    print_config(args)
+    check_writable([("--models-dir", models_dir), ("--plots-dir", args.plots_dir), ("--cache-dir", cache_dir)])
+    teacher = Teacher(args, device, amp) if distil else None
+    tok_name = teacher.tokenizer if distil else student_tokenizer(args)
+    tok = load_tokenizer(tok_name)
+    train_s, _, train, dev, majority = cola_examples(args, tok)
+
+    teacher_info = None
+    if distil:
+        both = Examples(train.ids + dev.ids, train.labels.tolist() + dev.labels.tolist(), train.pad_id)
+        logits, info = teacher.logits(both, "the training and dev sentences", cache_dir)
+        train.extras["teacher_logits"] = logits[:len(train)]
+        t = classification_metrics(logits[len(train):].argmax(-1), dev.labels)
+        teacher_info = {"dir": str(teacher.dir), "base": str(teacher.base), "parameters": info["parameters"],
+                        "dev_acc": t["acc"], "dev_mcc": t["mcc"], "sentences_per_s": info["sentences_per_s"]}
+        print(f"teacher {teacher.dir} ({teacher.base}, {info['parameters']:,} parameters): dev accuracy "
+              f"{t['acc']:.4f}, MCC {t['mcc']:.4f} (majority baseline {majority:.4f}, MCC 0)")
+
+    rnn_config = RNNConfig(vocab_size=len(tok), num_labels=len(COLA_LABELS), rnn_type=args.rnn_type,
+                           emb_dim=args.emb_dim, hidden=args.hidden, n_layers=args.rnn_layers,
+                           bidirectional=args.bidirectional, pool=args.pool, dropout=args.dropout)
+    embeddings = (teacher_embeddings(teacher.base, len(tok), args.emb_dim)
+                  if distil and args.init_embeddings_from_teacher else None)
+    loss_fn = functools.partial(kd_loss, temperature=args.temperature, alpha=args.alpha) if distil else None
+    kind = (f"{'bi' if args.bidirectional else ''}{args.rnn_type.upper()} x{args.rnn_layers}, emb {args.emb_dim}, "
+            f"hidden {args.hidden}, {args.pool} pool")
+    for seed in seeds:
+        out_dir = models_dir / f"{args.mode}_{seed}"
+        train_set = train
+        if distil and args.augment:
+            # The transfer set is seeded by the student's seed: each seed of --seeds sees its own.
+            new = augment(train_s, args.augment, seed, tok.unk_token or tok.eos_token)
+            aug = Examples.encode(tok, new, [IGNORE] * len(new), args.max_length, "transfer set")
+            aug_logits, _ = teacher.logits(aug, f"the transfer set of seed {seed}", cache_dir)
+            train_set = Examples(train.ids + aug.ids, train.labels.tolist() + [IGNORE] * len(aug), train.pad_id,
+                                 teacher_logits=torch.cat([train.extras["teacher_logits"], aug_logits]))
+            print(f"transfer set: {len(aug)} augmented sentences ({args.augment} per training sentence; masked, "
+                  f"swapped, n-grams), taught by the teacher's logits alone")
+        seed_everything(seed)  # the student's initial weights: the same in distil and rnn for the same seed
+        student = DistilRNN(rnn_config)
+        if embeddings is not None:
+            with torch.no_grad():
+                student.embed.weight.copy_(embeddings)
+        total = sum(p.numel() for p in student.parameters())
+        times = teacher_info["parameters"] / total if distil else 0
+        ratio = "" if not distil else (f", {times:.1f}x smaller than the teacher" if times >= 1 else
+                                       f", {1 / times:.1f}x larger than the teacher") + \
+            f" ({teacher_info['parameters'] / 1e6:.1f}M)"
+        print(f"student (seed {seed}): {kind}: {total:,} parameters ({total / 1e6:.2f}M{ratio})", flush=True)
+        student.to(device)
+        extras = {"mode": args.mode, "seed": seed, "seed_group": seeds, "tokenizer": str(tok_name),
+                  "tokenizer_fingerprint": tokenizer_fingerprint(tok), "labels": COLA_LABELS,
+                  "max_length": args.max_length, "eval_split": args.eval_split, "parameters": total,
+                  "majority_acc": majority, "teacher": teacher_info, "command": args.command}
+
+        def save_best(model, row, out_dir=out_dir, extras=extras):
+            path = save_student(model, out_dir, {**extras, "best": row})
+            return (f"  new best dev MCC {row['dev_mcc']:.4f}: student saved to {out_dir}/ "
+                    f"({path.stat().st_size / 1024:.0f} KB)")
+
+        run_settings = {"student": vars(rnn_config), "tokenizer_fingerprint": extras["tokenizer_fingerprint"],
+                        "max_length": args.max_length, "eval_split": args.eval_split,
+                        "teacher": teacher.id if distil else None, "n_examples": len(train_set),
+                        "kd": [args.alpha, args.temperature, args.augment, args.init_embeddings_from_teacher]
+                        if distil else None}
+        title = (f"{args.mode} SR={seed}: {kind}, lr={args.lr:g}, batch={args.batch_size}"
+                 + (f", alpha={args.alpha:g}, T={args.temperature:g}, augment={args.augment}" if distil else ""))
+        history = train_run(args, f"{args.mode}_{seed}", student, train_set, dev, majority, out_dir, save_best,
+                            run_settings, title, device, amp, loss_fn=loss_fn, seed=seed)
+        # Inference speed and training time, for the comparison table.
+        predict_logits(student, dev, device, 128, amp, progress=False)  # warm-up
+        t0 = time.time()
+        predict_logits(student, dev, device, 128, amp, progress=False)
+        config = json.loads((out_dir / "run_config.json").read_text())
+        config.update(inference_sentences_per_s=len(dev) / (time.time() - t0),
+                      train_seconds=sum(r.get("train_seconds", 0) for r in history))
+        write_json(out_dir / "run_config.json", config)
+    write_compare(args, models_dir)
+
+
+def read_run(run_dir):
+    """(run_config, metrics history) of a finished run, or None when either is missing or unreadable."""
+    try:
+        config = json.loads((run_dir / "run_config.json").read_text())
+        history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        return (config, history) if history else None
+    except (OSError, ValueError):
+        return None
+
+
+def write_compare(args, models_dir):
+    """plots/compare_<SR>.md and .png, once the teacher and both students of this SR exist."""
+    from train_utils import write_comparison
+    runs = {m: read_run(models_dir / f"{m}_{args.SR}") for m in ("distil", "rnn")}
+    missing = [m for m, r in runs.items() if r is None]
+    if missing:
+        print(f"comparison: `python run.py {missing[0]} {args.SR}` with the same flags writes the "
+              f"teacher / KD student / scratch student comparison, {args.plots_dir}/compare_{args.SR}.md and .png")
+        return
+    teacher = runs["distil"][0]["teacher"]
+    teacher_run = read_run(Path(teacher["dir"]))
+    t_seconds = sum(r.get("train_seconds", 0) for r in teacher_run[1]) if teacher_run else 0
+    rows = [{"name": f"teacher: LoRA {Path(teacher['base']).name}", "params": teacher["parameters"],
+             "acc": [teacher["dev_acc"]], "mcc": [teacher["dev_mcc"]], "train_seconds": [t_seconds or None],
+             "sentences_per_s": [teacher["sentences_per_s"]], "history": teacher_run[1] if teacher_run else []}]
+    for mode, name in (("distil", "KD student (distil)"), ("rnn", "scratch student (rnn)")):
+        row = {"name": name, "acc": [], "mcc": [], "train_seconds": [], "sentences_per_s": []}
+        for seed in runs[mode][0].get("seed_group", [args.SR]):
+            run = read_run(models_dir / f"{mode}_{seed}")
+            if run is None:
+                continue
+            config, history = run
+            best = max(history, key=lambda r: r["dev_mcc"])
+            row["acc"].append(best["dev_acc"])
+            row["mcc"].append(best["dev_mcc"])
+            row["train_seconds"].append(config.get("train_seconds"))
+            row["sentences_per_s"].append(config.get("inference_sentences_per_s"))
+            row.setdefault("history", history)
+            row["params"] = config["parameters"]
+        rows.append(row)
+    majority = runs["distil"][0]["majority_acc"]
+    prefix = Path(args.plots_dir) / f"compare_{args.SR}"
+    md, png = write_comparison(prefix, rows, majority, f"CoLA, SR={args.SR}: teacher vs KD student vs scratch student")
+    if runs["distil"][0]["student"] != runs["rnn"][0]["student"]:
+        print("warning: the two students differ in architecture; the comparison is not like for like")
+    print(f"comparison: {md} and {png}")
 
 
 # --------------------------------------------------------------------------- predict
@@ -288,67 +602,80 @@ def parse_adapters(specs):
 
 
 def cmd_predict(args):
-    import torch
+    from data import Examples
     from model import GPTClassifier, merge_adapters, remove_adapters
-    from utils import Examples, UserError, attach_adapter, load_gpt, load_tokenizer, pick_device, read_adapter, \
-        seed_everything
+    from train_utils import predict_logits
+    from utils import UserError, attach_adapter, is_student_dir, load_gpt, load_student, load_tokenizer, pick_device, \
+        read_adapter, seed_everything, tokenizer_fingerprint
 
     seed_everything(args.SR)
     device = pick_device(args.device)
-    adapters = {name: read_adapter(path) for name, path in parse_adapters(args.adapter).items()}
-    bases = {a[2].get("model") or a[0].get("base_model_name_or_path") for a in adapters.values()}
-    base = args.model or (bases.pop() if len(bases) == 1 and None not in bases else None)
-    if base is None:
-        raise UserError(f"the adapters name different (or no) base models ({sorted(map(str, bases))}): pass the one "
-                        f"base model they share with --model.")
-    first = next(iter(adapters.values()))
-    tok = load_tokenizer(args.tokenizer or first[2].get("tokenizer") or base)
-    num_labels = first[1]["score.weight"].shape[0] if "score.weight" in first[1] else 2
-    model = load_gpt(base, cls=GPTClassifier, num_labels=num_labels).to(device).eval()
-    base_state = {k: v.clone() for k, v in model.state_dict().items() if ".ln_" in k or k.startswith("score.")}
+    specs = parse_adapters(args.adapter)
+    students = {name: path for name, path in specs.items() if is_student_dir(path)}
+    adapters = {name: read_adapter(path) for name, path in specs.items() if name not in students}
+    if adapters:
+        bases = {a[2].get("model") or a[0].get("base_model_name_or_path") for a in adapters.values()}
+        base = args.model or (bases.pop() if len(bases) == 1 and None not in bases else None)
+        if base is None:
+            raise UserError(f"the adapters name different (or no) base models ({sorted(map(str, bases))}): pass the "
+                            f"one base model they share with --model.")
+        first = next(iter(adapters.values()))
+        adapter_tok = load_tokenizer(args.tokenizer or first[2].get("tokenizer") or base)
+        num_labels = first[1]["score.weight"].shape[0] if "score.weight" in first[1] else 2
+        model = load_gpt(base, cls=GPTClassifier, num_labels=num_labels).to(device).eval()
+        base_state = {k: v.clone() for k, v in model.state_dict().items() if ".ln_" in k or k.startswith("score.")}
 
     try:
         lines = (Path(args.input).read_text() if args.input else sys.stdin.read()).splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"--input {args.input}: cannot read it as UTF-8 text ({e}); give a text file with one "
                         f"sentence per line.")
-    jobs = []  # (line number, sentence, adapter names)
+    jobs = []  # (line number, sentence, names)
     for lineno, line in enumerate(lines, 1):
         name, tab, rest = line.partition("\t")
-        if tab and name in adapters:
+        if tab and name in specs:
             jobs.append((lineno, rest.strip(), [name]))
         elif line.strip():
-            jobs.append((lineno, line.strip(), list(adapters)))
+            jobs.append((lineno, line.strip(), list(specs)))
     if not jobs:
         raise UserError(f"no sentences to classify in {args.input or 'standard input'}: give one per line.")
 
     results = {}
-    for name, (settings, tensors, extras) in adapters.items():
+    for name in specs:
         mine = [j for j in jobs if name in j[2]]
         if not mine:
             continue
-        # Swap adapters over the one base model: take the last one out, restore the base's own layer
-        # norms and head, put this one in and merge it for base-speed inference.
-        remove_adapters(model)
-        model.load_state_dict(base_state, strict=False)
-        if tensors.get("score.weight") is not None and tensors["score.weight"].shape[0] != model.score.out_features:
-            raise UserError(f"adapter {name} has {tensors['score.weight'].shape[0]} labels, the others "
-                            f"{model.score.out_features}; predict them in separate runs.")
-        attach_adapter(model, settings, tensors)
-        model.to(device)
-        merge_adapters(model)
-        labels = extras.get("labels") or [f"LABEL_{i}" for i in range(num_labels)]
-        max_length = min(extras.get("max_length", 1024), model.config.block_size)
+        if name in students:
+            clf, extras = load_student(students[name])
+            tok = load_tokenizer(args.tokenizer or extras.get("tokenizer") or "gpt2")
+            if tokenizer_fingerprint(tok) != extras.get("tokenizer_fingerprint"):
+                raise UserError(f"student {students[name]} was trained with another tokenizer "
+                                f"({extras.get('tokenizer')}) than the one given here "
+                                f"({args.tokenizer or extras.get('tokenizer')}): its token ids would mean other words. "
+                                f"Pass --tokenizer with the tokenizer it was trained with.")
+            clf.to(device)
+            max_length = extras.get("max_length", 1024)
+        else:
+            settings, tensors, extras = adapters[name]
+            # Swap adapters over the one base model: take the last one out, restore the base's own layer
+            # norms and head, put this one in and merge it for base-speed inference.
+            remove_adapters(model)
+            model.load_state_dict(base_state, strict=False)
+            if tensors.get("score.weight") is not None and tensors["score.weight"].shape[0] != model.score.out_features:
+                raise UserError(f"adapter {name} has {tensors['score.weight'].shape[0]} labels, the others "
+                                f"{model.score.out_features}; predict them in separate runs.")
+            attach_adapter(model, settings, tensors)
+            model.to(device)
+            merge_adapters(model)
+            clf, tok = model, adapter_tok
+            max_length = min(extras.get("max_length", 1024), model.config.block_size)
         ex = Examples.encode(tok, [j[1] for j in mine], [0] * len(mine), max_length, name)
-        probs = []
-        with torch.no_grad():
-            for batch in ex.batches(args.batch_size):
-                logits = model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
-                probs.append(logits.float().softmax(-1).cpu())
-        for (lineno, sentence, _), p in zip(mine, torch.cat(probs)):
+        probs = predict_logits(clf, ex, device, args.batch_size, progress=False).softmax(-1)
+        labels = extras.get("labels") or [f"LABEL_{i}" for i in range(probs.shape[1])]
+        for (lineno, sentence, _), p in zip(mine, probs):
             k = int(p.argmax())
             results.setdefault(lineno, []).append((name, labels[k], float(p[k])))
-    many = len(adapters) > 1
+    many = len(specs) > 1
     for lineno, sentence, _ in jobs:
         verdicts = "  ".join(f"{name + ': ' if many else ''}{label} ({prob:.3f})" for name, label, prob in results[lineno])
         print(f"{verdicts}\t{sentence}")
@@ -359,18 +686,16 @@ def cmd_predict(args):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     from utils import UserError
-    commands = {"gen": cmd_gen, "LoRA": cmd_lora, "predict": cmd_predict}
-    if args.mode not in commands:
-        print(f"run.py {args.mode}: not yet implemented (it comes with a later issue).", file=sys.stderr)
-        return 2
+    args.command = "python run.py " + " ".join(map(shlex.quote, sys.argv[1:] if argv is None else map(str, argv)))
+    commands = {"gen": cmd_gen, "LoRA": cmd_lora, "distil": cmd_student, "rnn": cmd_student, "predict": cmd_predict}
     try:
         commands[args.mode](args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\ninterrupted. Files on disk are complete (written atomically); `run.py LoRA SR --resume` with the "
-              "same flags continues a training run from its last finished epoch.", file=sys.stderr)
+        print(f"\ninterrupted. Files on disk are complete (written atomically); `run.py {args.mode} SR --resume` "
+              f"with the same flags continues a training run from its last finished epoch.", file=sys.stderr)
         return 130
     return 0
 

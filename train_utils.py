@@ -26,17 +26,34 @@ def classification_metrics(preds, labels):
     return {"acc": (tp + tn) / max(1, len(labels)), "mcc": (tp * tn - fp * fn) / denom if denom else 0.0}
 
 
+IGNORE = -100  # the label of a transfer-set sentence: it carries the teacher's soft targets only
+
+
 def ce_loss(logits, batch):
-    return F.cross_entropy(logits.float(), batch["labels"])
+    """Cross-entropy over the labelled sentences of the batch (0 when it has none)."""
+    labels = batch["labels"]
+    labelled = labels != IGNORE
+    if bool(labelled.all()):
+        return F.cross_entropy(logits.float(), labels)
+    if not bool(labelled.any()):
+        return logits.float().sum() * 0.0
+    return F.cross_entropy(logits.float()[labelled], labels[labelled])
 
 
 def kd_loss(logits, batch, temperature=2.0, alpha=0.5):
-    """Hinton's distillation loss: alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(labels).
-    The T^2 keeps the soft term's gradients on the scale of the hard term's as T grows."""
+    """Hinton et al.'s distillation loss, alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE,
+    where x_T = softmax(logits / T). The KL is the teacher's expectation of log(p_teacher / p_student),
+    summed over the classes and averaged over the sentences (all of them: transfer-set sentences have
+    no label, so the CE averages over the labelled ones only). The soft term's gradient with respect to
+    the student's logits is T * (p_student - p_teacher) / batch, which shrinks like 1/T for large T:
+    T^2 brings it back to the hard term's scale, so alpha means the same at every temperature."""
     t = temperature
-    soft = F.kl_div(F.log_softmax(logits.float() / t, -1), F.log_softmax(batch["teacher_logits"].float() / t, -1),
-                    log_target=True, reduction="batchmean") * t * t
-    return alpha * soft + (1 - alpha) * ce_loss(logits, batch)
+    log_p_student = F.log_softmax(logits.float() / t, -1)
+    log_p_teacher = F.log_softmax(batch["teacher_logits"].float() / t, -1)
+    kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(-1).mean()
+    if alpha == 1:
+        return t * t * kl
+    return alpha * t * t * kl + (1 - alpha) * ce_loss(logits, batch)
 
 
 # --------------------------------------------------------------------------- the loop
@@ -58,17 +75,22 @@ def to_device(batch, device):
 
 
 @torch.no_grad()
-def evaluate(model, examples, device, batch_size=128, loss_fn=ce_loss, amp_dtype=None, desc="eval"):
+def predict_logits(model, examples, device, batch_size=128, amp_dtype=None, desc="eval", progress=True):
+    """(len(examples), num_labels) float32 logits on the CPU, in the examples' order."""
     model.eval()
-    total_loss, preds = 0.0, []
+    out = []
     for batch in tqdm(examples.batches(batch_size), total=math.ceil(len(examples) / batch_size),
-                      desc=desc, leave=False, dynamic_ncols=True):
-        batch = to_device(batch, device)
+                      desc=desc, leave=False, dynamic_ncols=True, disable=not progress):
         with autocast(device, amp_dtype):
-            logits = model(batch["input_ids"], batch["attention_mask"])
-        total_loss += float(loss_fn(logits, batch)) * len(batch["labels"])
-        preds.append(logits.argmax(-1).cpu())
-    return {"loss": total_loss / len(examples), **classification_metrics(torch.cat(preds), examples.labels)}
+            logits = model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+        out.append(logits.float().cpu())
+    return torch.cat(out)
+
+
+def evaluate(model, examples, device, batch_size=128, amp_dtype=None, desc="eval"):
+    logits = predict_logits(model, examples, device, batch_size, amp_dtype, desc)
+    return {"loss": float(F.cross_entropy(logits, examples.labels)),
+            **classification_metrics(logits.argmax(-1), examples.labels)}
 
 
 def autocast(device, dtype):
@@ -145,7 +167,7 @@ def fit(model, train, dev, cfg, device, out_dir, loss_fn=ce_loss, amp_dtype=None
 
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
-        t0, seen, loss_sum, correct = time.time(), 0, 0.0, 0
+        t0, seen, loss_sum, labelled, correct = time.time(), 0, 0.0, 0, 0
         bar = tqdm(train.batches(cfg.batch_size, shuffle=True, seed=cfg.seed * 1000 + epoch),
                    total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True)
         for batch in bar:
@@ -163,15 +185,18 @@ def fit(model, train, dev, cfg, device, out_dir, loss_fn=ce_loss, amp_dtype=None
             n = len(batch["labels"])
             seen += n
             loss_sum += loss.item() * n
-            correct += int((logits.argmax(-1) == batch["labels"]).sum())
-            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
+            has_label = batch["labels"] != IGNORE  # transfer-set sentences count in the loss, not the accuracy
+            labelled += int(has_label.sum())
+            correct += int((logits.argmax(-1) == batch["labels"])[has_label].sum())
+            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / max(1, labelled):.3f}")
         train_time = time.time() - t0
         rng = rng_states(device)  # evaluation must not move the training's random stream
-        dev_metrics = evaluate(model, dev, device, cfg.eval_batch_size, loss_fn=ce_loss, amp_dtype=amp_dtype)
+        dev_metrics = evaluate(model, dev, device, cfg.eval_batch_size, amp_dtype=amp_dtype)
         set_rng_states(rng, device)
-        row = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": correct / seen,
+        row = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": correct / max(1, labelled),
                "dev_loss": dev_metrics["loss"], "dev_acc": dev_metrics["acc"], "dev_mcc": dev_metrics["mcc"],
-               "lr": scheduler.get_last_lr()[0], "train_sentences_per_s": seen / train_time}
+               "lr": scheduler.get_last_lr()[0], "train_sentences_per_s": seen / train_time,
+               "train_seconds": train_time}
         history.append(row)
         print(f"epoch {epoch + 1}/{cfg.epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  |  "
               f"dev loss {row['dev_loss']:.4f} acc {row['dev_acc']:.4f} MCC {row['dev_mcc']:.4f}  |  "
@@ -229,3 +254,55 @@ def write_plots(history, prefix, title, baseline_acc=None):
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def mean_std(values, fmt="{:.4f}"):
+    """'m' for one value, 'm ± s' (sample std) for several, 'n/a' for none."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "n/a"
+    m = sum(values) / len(values)
+    if len(values) == 1:
+        return fmt.format(m)
+    s = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+    return f"{fmt.format(m)} ± {fmt.format(s)}"
+
+
+def write_comparison(prefix, rows, baseline_acc, title):
+    """prefix.md, a table (one row per model: parameters, best dev accuracy and MCC, training time,
+    inference speed; mean ± std over seeds), and prefix.png, dev accuracy and MCC per epoch side by side.
+    rows: dicts with name, params, acc, mcc, train_seconds, sentences_per_s (lists, one entry per seed)
+    and history (the first seed's metrics, for the curves)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    lines = [f"# {title}", "",
+             f"Best epoch (by dev MCC) of each run; the majority class scores accuracy {baseline_acc:.4f}, MCC 0.",
+             "", "| model | parameters | dev accuracy | dev MCC | training time (s) | inference (sentences/s) | seeds |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['params'] / 1e6:.2f}M | {mean_std(r['acc'])} | {mean_std(r['mcc'])} | "
+                     f"{mean_std(r['train_seconds'], '{:.0f}')} | {mean_std(r['sentences_per_s'], '{:.0f}')} | "
+                     f"{len(r['acc'])} |")
+    atomic_write(f"{prefix}.md", lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for ax, key, label in ((axes[0], "dev_acc", "dev accuracy"), (axes[1], "dev_mcc", "dev MCC")):
+        for r in rows:
+            ax.plot([h["epoch"] for h in r["history"]], [h[key] for h in r["history"]], marker="o", label=r["name"])
+        if key == "dev_acc":
+            ax.axhline(baseline_acc, color="grey", linestyle="--", label=f"majority class ({baseline_acc:.3f})")
+        else:
+            ax.axhline(0.0, color="grey", linestyle="--", label="majority class (MCC 0)")
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    atomic_write(f"{prefix}.png", lambda tmp: fig.savefig(tmp, dpi=110))
+    plt.close(fig)
+    return Path(f"{prefix}.md"), Path(f"{prefix}.png")

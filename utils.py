@@ -1,5 +1,5 @@
-"""Everything that touches the outside world: seeds, devices, model and tokenizer files, the hub,
-CoLA data, batching, and checkpoint files (always written atomically)."""
+"""Everything that touches files and the outside world: seeds, devices, atomic files, model and
+tokenizer files and the hub, adapter and student files, and the teacher-logit cache. (Data sets: data.py.)"""
 import json
 import os
 import random
@@ -188,140 +188,6 @@ def load_tokenizer(name_or_dir):
     return tok
 
 
-# --------------------------------------------------------------------------- CoLA
-
-COLA_FILES = {"train": "in_domain_train.tsv", "in_domain": "in_domain_dev.tsv",
-              "out_of_domain": "out_of_domain_dev.tsv"}
-
-
-def read_cola_tsv(path, skip_bad_rows=False):
-    """The official raw CoLA format: source TAB label TAB original-mark TAB sentence, no header.
-    Returns (sentences, labels, number of skipped rows). A bad row is an error naming file and line,
-    or, with skip_bad_rows, skipped and counted."""
-    sentences, labels, skipped = [], [], 0
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            problem = None
-            try:
-                line = raw.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError:
-                problem = "bytes that are not UTF-8"
-            if problem is None:
-                if not line.strip():
-                    continue  # blank lines (a trailing newline) are not rows
-                cols = line.split("\t")
-                if len(cols) != 4:
-                    problem = f"{len(cols)} tab-separated columns instead of 4"
-                elif cols[1] not in ("0", "1"):
-                    problem = f"label {cols[1]!r} is not 0 or 1"
-                elif not cols[3].strip():
-                    problem = "an empty sentence"
-            if problem:
-                if not skip_bad_rows:
-                    raise UserError(f"{path}, line {lineno}: {problem}. CoLA rows are 'source<TAB>label<TAB>"
-                                    f"mark<TAB>sentence' with label 0 or 1; fix the row or pass --skip-bad-rows "
-                                    f"to skip such rows (they are counted).")
-                skipped += 1
-                continue
-            sentences.append(cols[3].strip())
-            labels.append(int(cols[1]))
-    return sentences, labels, skipped
-
-
-def cola_dir(data_dir):
-    """Accept the raw/ directory itself or the CoLA release root that holds raw/."""
-    d = Path(data_dir).expanduser()
-    if not (d / COLA_FILES["train"]).is_file() and (d / "raw" / COLA_FILES["train"]).is_file():
-        d = d / "raw"
-    return d
-
-
-def load_cola(data_dir, eval_split="in_domain", skip_bad_rows=False):
-    """{'train': (sentences, labels), 'dev': (sentences, labels)} from the raw files in data_dir,
-    or, when data_dir holds none, from the hub (GLUE's CoLA, whose validation is both dev sets)."""
-    d = cola_dir(data_dir)
-    if (d / COLA_FILES["train"]).is_file():
-        splits = {"train": ["train"], "dev": ["in_domain", "out_of_domain"] if eval_split == "both" else [eval_split]}
-        out = {}
-        for split, parts in splits.items():
-            sents, labels = [], []
-            for part in parts:
-                path = d / COLA_FILES[part]
-                if not path.is_file():
-                    raise UserError(f"--eval-split {eval_split} needs {path}, which does not exist. CoLA's raw "
-                                    f"release has in_domain_dev.tsv and out_of_domain_dev.tsv; pick a split "
-                                    f"whose file is there.")
-                s, l, skipped = read_cola_tsv(path, skip_bad_rows)
-                if skipped:
-                    print(f"skipped {skipped} bad rows in {path}")
-                sents += s
-                labels += l
-            if not sents:
-                raise UserError(f"no sentences in {', '.join(COLA_FILES[p] for p in parts)} under {d}.")
-            out[split] = (sents, labels)
-        return out
-    hint = ("; the hub's GLUE validation set is both dev sets together, so also pass --eval-split both"
-            if eval_split != "both" else "")
-    try:
-        import datasets
-        datasets.logging.set_verbosity_error()
-        ds = datasets.load_dataset("nyu-mll/glue", "cola")
-    except Exception as e:
-        raise UserError(f"no CoLA data: {d} does not hold {COLA_FILES['train']}, and the hub copy "
-                        f"(datasets.load_dataset('nyu-mll/glue', 'cola')) could not be loaded "
-                        f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}). Put the raw "
-                        f"CoLA files (in_domain_train.tsv, in_domain_dev.tsv) in data/cola or pass "
-                        f"--data-dir DIR (here: --data-dir ../shared/data/cola/raw){hint}.")
-    if eval_split != "both":
-        raise UserError("CoLA came from the hub, whose validation set mixes in- and out-of-domain dev "
-                        "sentences: pass --eval-split both, or point --data-dir at the raw files.")
-    return {"train": (list(ds["train"]["sentence"]), list(ds["train"]["label"])),
-            "dev": (list(ds["validation"]["sentence"]), list(ds["validation"]["label"]))}
-
-
-# --------------------------------------------------------------------------- batching
-
-class Examples:
-    """Tokenised sentences with labels (and any per-example extras, e.g. teacher logits),
-    served in dynamically padded batches: each batch is padded to its own longest sentence."""
-
-    def __init__(self, ids, labels, pad_id, **extras):
-        assert len(ids) == len(labels), "one label per sentence"
-        self.ids, self.labels, self.pad_id = ids, torch.tensor(labels), pad_id
-        self.extras = extras
-
-    @classmethod
-    def encode(cls, tokenizer, sentences, labels, max_length, name="data"):
-        ids = tokenizer(sentences, add_special_tokens=False)["input_ids"]
-        cut = sum(len(x) > max_length for x in ids)
-        if cut:
-            print(f"{name}: {cut} of {len(ids)} sentences longer than --max-length {max_length} tokens "
-                  f"were truncated")
-        empty = [i for i, x in enumerate(ids) if not x]
-        if empty:
-            raise UserError(f"{name}: sentence {empty[0] + 1} encodes to no tokens; remove it.")
-        return cls([x[:max_length] for x in ids], labels, tokenizer.pad_token_id)
-
-    def __len__(self):
-        return len(self.ids)
-
-    def batches(self, batch_size, shuffle=False, seed=0):
-        order = (torch.randperm(len(self), generator=torch.Generator().manual_seed(seed)) if shuffle
-                 else torch.arange(len(self)))
-        for start in range(0, len(self), batch_size):
-            idx = order[start:start + batch_size]
-            seqs = [self.ids[i] for i in idx.tolist()]
-            T = max(len(s) for s in seqs)
-            input_ids = torch.full((len(seqs), T), self.pad_id, dtype=torch.long)
-            attention_mask = torch.zeros((len(seqs), T), dtype=torch.long)
-            for row, s in enumerate(seqs):
-                input_ids[row, :len(s)] = torch.tensor(s)
-                attention_mask[row, :len(s)] = 1
-            batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": self.labels[idx]}
-            batch.update({k: v[idx] for k, v in self.extras.items()})
-            yield batch
-
-
 # --------------------------------------------------------------------------- adapter files (peft's format)
 # Our adapter checkpoint *is* a peft adapter: adapter_config.json + adapter_model.safetensors with peft's
 # key names, so peft loads ours and we load peft's. Our own extras (labels, base model, metrics) sit beside
@@ -435,3 +301,111 @@ def attach_adapter(model, settings, tensors, head_names=("score",)):
         raise UserError(f"the adapter file lacks {len(lost)} adapter tensors (e.g. {lost[0]}): it is incomplete.")
     model.load_state_dict(state, strict=False)
     return model
+
+
+# --------------------------------------------------------------------------- fingerprints
+
+def sha256_files(paths, h=None):
+    """One SHA-256 over the names and bytes of the files that exist among `paths` (streamed)."""
+    import hashlib
+    h = h or hashlib.sha256()
+    for path in map(Path, paths):
+        if path.is_file():
+            h.update(path.name.encode() + b"\0")
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 22), b""):
+                    h.update(chunk)
+    return h.hexdigest()
+
+
+def tokenizer_fingerprint(tok):
+    """What a tokenizer maps text to: a hash of its vocabulary (merges decide which ids appear, but a
+    student trained with one tokenizer only needs the same id for the same token)."""
+    import hashlib
+    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- the teacher-logit cache
+# Distillation needs the teacher's logits for every training sentence, every epoch; they never change, so
+# they are computed once and kept in <cache_dir>/teacher_<key>.safetensors, where the key hashes everything
+# that decides them: the teacher (base weights, adapter, precision) and the token ids of the sentences
+# (which cover the sentences, the tokenizer and --max-length). The file also holds its own key and a hash
+# of its logits, so a damaged, truncated or mislabelled file is noticed and recomputed, never used.
+
+def cache_key(teacher_id, ids):
+    import hashlib
+    h = hashlib.sha256(teacher_id.encode())
+    for x in ids:
+        h.update(np.asarray(x, dtype=np.int64).tobytes() + b"\xff")
+    return h.hexdigest()
+
+
+def cache_path(cache_dir, key):
+    return Path(cache_dir) / f"teacher_{key[:24]}.safetensors"
+
+
+def read_cached_logits(cache_dir, key, n):
+    """(logits, metadata) from the cache, or (None, None) when absent, (None, why) when damaged or stale."""
+    import hashlib
+    from safetensors import safe_open
+    path = cache_path(cache_dir, key)
+    if not path.is_file():
+        return None, None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta, logits = f.metadata() or {}, f.get_tensor("logits")
+    except Exception as e:
+        return None, f"{path} cannot be read ({type(e).__name__}); it is recomputed"
+    if meta.get("key") != key:
+        return None, f"{path} was written for other sentences or another teacher; it is recomputed"
+    if logits.dim() != 2 or logits.shape[0] != n or not bool(torch.isfinite(logits).all()) or \
+            hashlib.sha256(logits.contiguous().numpy().tobytes()).hexdigest() != meta.get("sha256"):
+        return None, f"{path} is damaged (its logits do not match their checksum); it is recomputed"
+    return logits, json.loads(meta.get("info", "{}"))
+
+
+def write_cached_logits(cache_dir, key, logits, info):
+    import hashlib
+    from safetensors.torch import save_file
+    logits = logits.float().contiguous().cpu()
+    meta = {"key": key, "sha256": hashlib.sha256(logits.numpy().tobytes()).hexdigest(), "info": json.dumps(info)}
+    path = cache_path(cache_dir, key)
+    atomic_write(path, lambda tmp: save_file({"logits": logits}, tmp, metadata=meta))
+    return path
+
+
+# --------------------------------------------------------------------------- student files
+
+STUDENT_WEIGHTS = "student.safetensors"
+
+
+def save_student(model, out_dir, extras):
+    """The student's weights (safetensors) and run_config.json: its architecture, tokenizer, labels."""
+    from dataclasses import asdict
+    from safetensors.torch import save_file
+    out_dir = Path(out_dir)
+    state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic_write(out_dir / STUDENT_WEIGHTS, lambda tmp: save_file(state, tmp))
+    write_json(out_dir / "run_config.json", {"student": asdict(model.config), **extras})
+    return out_dir / STUDENT_WEIGHTS
+
+
+def is_student_dir(path):
+    return (Path(path).expanduser() / STUDENT_WEIGHTS).is_file()
+
+
+def load_student(student_dir):
+    """(DistilRNN in eval mode, run_config) from a directory that save_student wrote."""
+    from safetensors.torch import load_file
+    from model import DistilRNN, RNNConfig
+    d = Path(student_dir).expanduser()
+    try:
+        extras = json.loads((d / "run_config.json").read_text())
+        model = DistilRNN(RNNConfig(**extras["student"]))
+        model.load_state_dict(load_file(d / STUDENT_WEIGHTS))
+    except Exception as e:
+        raise UserError(f"{d}: not a readable student ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                        f"). A student directory holds {STUDENT_WEIGHTS} and run_config.json as `run.py distil` "
+                        f"or `run.py rnn` write them; rerun that command to make it again.")
+    return model.eval(), extras

@@ -12,7 +12,7 @@ import torch
 from conftest import COLA_DIR, ROOT, needs_cola, needs_tokenizer
 
 COLA_LABELS = ["unacceptable", "acceptable"]
-TIMING = "train_sentences_per_s"
+TIMING = ("train_sentences_per_s", "train_seconds")  # wall-clock, not reproducible
 SENTENCES = ["The cat sat on the mat.", "Mat the on sat cat the.", "Colorless green ideas sleep furiously."]
 
 
@@ -132,7 +132,7 @@ def test_exported_adapter_loads_in_peft_with_our_logits(lora_run, tiny_dir):
     assert (a - b).abs().max() < 1e-4
     # The saved adapter is the one whose dev numbers metrics.jsonl reports.
     from train_utils import evaluate
-    from utils import Examples, load_cola
+    from data import Examples, load_cola
     dev = Examples.encode(tok, *load_cola(COLA_DIR)["dev"], 128)
     got = evaluate(ours, dev, torch.device("cpu"))
     row = metrics(tmp / "out")[0]
@@ -145,7 +145,7 @@ def test_exported_adapter_loads_in_peft_with_our_logits(lora_run, tiny_dir):
 def test_lora_cli_same_seed_same_run(lora_run, tiny_dir, tmp_path):
     tmp, _ = lora_run
     ok(run(*lora_args(tiny_dir, tmp_path / "out", tmp_path / "plots")))
-    strip = lambda rows: [{k: v for k, v in r.items() if k != TIMING} for r in rows]
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
     assert strip(metrics(tmp_path / "out")) == strip(metrics(tmp / "out"))
     a = load_tensors(tmp / "out" / "adapter_model.safetensors")
     b = load_tensors(tmp_path / "out" / "adapter_model.safetensors")
