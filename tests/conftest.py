@@ -2,6 +2,8 @@
 ../shared/data when it is there (tests that need it skip cleanly when it is not)."""
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -49,3 +51,27 @@ def tiny_dir(tmp_path_factory):
 def gpt2_dir(tmp_path_factory):
     """The real gpt2 shape: 12 layers, 768 wide, 50257 tokens (124M random weights)."""
     return save_hf_gpt2(tmp_path_factory.mktemp("gpt2-shape"))
+
+
+# --------------------------------------------------------------------------- the command line, as a user runs it
+
+def run(*args, env=None):
+    """python run.py ARGS from the repository root, offline; returns the CompletedProcess."""
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                "OMP_NUM_THREADS": "1", **(env or {})}  # one thread: tiny models, and no oversubscription
+    return subprocess.run([sys.executable, "run.py", *map(str, args)], cwd=ROOT, env=full_env, capture_output=True,
+                          text=True, errors="replace", timeout=600)
+
+
+def ok(proc):
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def user_error(proc):
+    """Exit 2, one 'error:' paragraph on stderr, no traceback. Returns the message."""
+    assert proc.returncode == 2, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, proc.stderr
+    assert proc.stderr.startswith("error: "), proc.stderr
+    assert proc.stderr.strip().count("\n") == 0, f"not one paragraph: {proc.stderr}"
+    return proc.stderr

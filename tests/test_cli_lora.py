@@ -1,41 +1,16 @@
 """The command line of the LoRA issue, as a user runs it: `python run.py LoRA|predict|gen ...` in a
 subprocess on the tiny random GPT-2 (with the real tokenizer) and the real CoLA files."""
 import json
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import COLA_DIR, ROOT, needs_cola, needs_tokenizer
+from conftest import COLA_DIR, needs_cola, needs_tokenizer, ok, run, user_error
 
 COLA_LABELS = ["unacceptable", "acceptable"]
 TIMING = ("train_sentences_per_s", "train_seconds")  # wall-clock, not reproducible
 SENTENCES = ["The cat sat on the mat.", "Mat the on sat cat the.", "Colorless green ideas sleep furiously."]
-
-
-def run(*args, env=None):
-    """python run.py ARGS from the repository root, offline; returns the CompletedProcess."""
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-                "OMP_NUM_THREADS": "1", **(env or {})}  # one thread: tiny models, and no oversubscription
-    return subprocess.run([sys.executable, "run.py", *map(str, args)], cwd=ROOT, env=full_env, capture_output=True,
-                          text=True, errors="replace", timeout=600)
-
-
-def ok(proc):
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
-    return proc
-
-
-def user_error(proc):
-    """Exit 2, one 'error:' paragraph on stderr, no traceback. Returns the message."""
-    assert proc.returncode == 2, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[-3000:]}"
-    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, proc.stderr
-    assert proc.stderr.startswith("error: "), proc.stderr
-    assert proc.stderr.strip().count("\n") == 0, f"not one paragraph: {proc.stderr}"
-    return proc.stderr
 
 
 def lora_args(tiny_dir, out, plots, data_dir=COLA_DIR, seed=7, *extra):

@@ -230,7 +230,3 @@ def test_gen_cli_bad_input(args, message):
     assert out.returncode == 2
     assert message in out.stderr and "Traceback" not in out.stderr
 
-
-def test_later_modes_say_not_yet_implemented():
-    out = run_cli("distil", "1")
-    assert out.returncode == 2 and "not yet implemented" in out.stderr

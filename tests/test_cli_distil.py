@@ -1,0 +1,182 @@
+"""`run.py distil` and `run.py rnn` as a user runs them: a LoRA teacher on the tiny random GPT-2 (with the
+real tokenizer and the real CoLA files), the two students, the teacher-logit cache, the comparison, predict
+with a student, fairness (distil with alpha 0 is rnn) and the clean errors."""
+import json
+import shutil
+
+import pytest
+
+from conftest import COLA_DIR, needs_cola, needs_tokenizer, ok, run, user_error
+
+pytestmark = [needs_tokenizer, needs_cola]
+TIMING = ("train_sentences_per_s", "train_seconds")
+SMALL = ["--data-dir", COLA_DIR, "--limit-train", 160, "--epochs", 2, "--emb-dim", 16, "--hidden", 16]
+
+
+def metrics(run_dir):
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING}
+            for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def teacher(tiny_dir, tmp_path_factory):
+    """models/LoRA_7 from `run.py LoRA 7` on the tiny model: the teacher of every test here."""
+    tmp = tmp_path_factory.mktemp("distil-cli")
+    ok(run("LoRA", 7, "--model", tiny_dir, "--data-dir", COLA_DIR, "--limit-train", 160, "--epochs", 1,
+           "--out-dir", tmp / "models" / "LoRA_7", "--plots-dir", tmp / "plots"))
+    return tmp
+
+
+@pytest.fixture(scope="module")
+def students(teacher):
+    """distil 7 (with a transfer set), then rnn 7 with the same flags: the comparison appears."""
+    models, plots = teacher / "models", teacher / "plots"
+    common = ["--models-dir", models, "--plots-dir", plots, *SMALL]
+    first = ok(run("distil", 7, *common, "--augment", 1))
+    scratch = ok(run("rnn", 7, *common))
+    return models, plots, first, scratch
+
+
+def test_distil_writes_student_metrics_plots_and_compares(students):
+    models, plots, first, scratch = students
+    out = models / "distil_7"
+    for name in ("student.safetensors", "run_config.json", "metrics.jsonl", "last.pt"):
+        assert (out / name).is_file(), name
+    config = json.loads((out / "run_config.json").read_text())
+    assert config["student"]["rnn_type"] == "gru" and config["teacher"]["dir"].endswith("LoRA_7")
+    assert config["labels"] == ["unacceptable", "acceptable"] and config["tokenizer_fingerprint"]
+    rows = metrics(out)
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert all({"dev_acc", "dev_mcc", "train_loss", "dev_loss"} <= set(r) for r in rows)
+    for mode in ("distil", "rnn"):
+        for kind in ("loss", "acc"):
+            assert (plots / f"{mode}_7_{kind}.png").stat().st_size > 1000
+    # the log: teacher computed once, the teacher's own dev figures, parameters and the ratio to the teacher
+    assert "computed in" in first.stdout and "the teacher did not run" not in first.stdout
+    assert "teacher " in first.stdout and "dev accuracy" in first.stdout and "MCC" in first.stdout
+    assert "majority-class baseline on dev: accuracy 0.6926, MCC 0.0000" in first.stdout
+    assert "parameters (" in first.stdout and "than the teacher" in first.stdout
+    assert "transfer set: 160 augmented sentences" in first.stdout
+    # rnn: no teacher anywhere, the same student
+    assert "teacher" not in scratch.stdout.split("comparison:")[0]
+    assert json.loads((models / "rnn_7" / "run_config.json").read_text())["student"] == config["student"]
+    # the comparison, once the teacher and both students exist
+    md = (plots / "compare_7.md").read_text()
+    assert (plots / "compare_7.png").stat().st_size > 1000
+    table = [line for line in md.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [line.split("|")[1].strip().split(":")[0].split(" (")[0] for line in table] == \
+        ["teacher", "KD student", "scratch student"]
+    best = max(metrics(models / "rnn_7"), key=lambda r: r["dev_mcc"])
+    assert f"{best['dev_acc']:.4f} | {best['dev_mcc']:.4f}" in table[2]  # read from the run's files
+    assert "0.6926, MCC 0" in md
+
+
+def test_second_distil_run_reads_the_cache_and_never_runs_the_teacher(students, tiny_dir):
+    models, plots, _, _ = students
+    # Another SR, other student flags: the log says the cache was used, and nothing was computed.
+    again = ok(run("distil", 8, "--teacher", models / "LoRA_7", "--models-dir", models, "--plots-dir", plots,
+                   *SMALL, "--rnn-type", "lstm", "--pool", "mean"))
+    assert "read from the cache" in again.stdout and "the teacher did not run" in again.stdout
+    assert "computed in" not in again.stdout
+    assert "dev accuracy" in again.stdout.split("student (seed 8)")[0]  # teacher's figures, from the cache
+
+
+def test_corrupt_cache_is_recomputed_with_a_warning(students):
+    models, plots, _, _ = students
+    cache = models / "teacher_cache"
+    files = sorted(cache.glob("teacher_*.safetensors"))
+    assert len(files) == 2  # train+dev, and the transfer set of seed 7
+    backup = {f: f.read_bytes() for f in files}
+    for f in files:
+        f.write_bytes(f.read_bytes()[:-40])  # truncated
+    try:
+        out = ok(run("distil", 9, "--teacher", models / "LoRA_7", "--models-dir", models, "--plots-dir", plots,
+                     *SMALL))
+        assert "warning: teacher-logit cache" in out.stdout and "computed in" in out.stdout
+    finally:
+        for f, data in backup.items():
+            f.write_bytes(data)
+
+
+def test_distil_with_alpha_zero_is_the_rnn_run(teacher):
+    """Fairness: with the teacher's term off and no transfer set, distil and rnn train the same student
+    identically (same init, data order, dropout, schedule)."""
+    models, plots = teacher / "fair", teacher / "fair-plots"
+    shutil.copytree(teacher / "models" / "LoRA_7", models / "LoRA_7")
+    common = ["--models-dir", models, "--plots-dir", plots, *SMALL]
+    ok(run("distil", 7, *common, "--alpha", 0))
+    ok(run("rnn", 7, *common))
+    assert metrics(models / "distil_7") == metrics(models / "rnn_7")
+
+
+def test_seeds_runs_several_students_and_reports_mean_and_std(teacher):
+    models, plots = teacher / "seeds", teacher / "seeds-plots"
+    shutil.copytree(teacher / "models" / "LoRA_7", models / "LoRA_7")
+    common = ["--models-dir", models, "--plots-dir", plots, *SMALL, "--epochs", 1, "--seeds", 2]
+    ok(run("distil", 7, *common))
+    ok(run("rnn", 7, *common))
+    assert (models / "distil_8" / "metrics.jsonl").is_file() and (models / "rnn_8" / "metrics.jsonl").is_file()
+    md = (plots / "compare_7.md").read_text()
+    rows = [line for line in md.splitlines() if line.startswith("| KD") or line.startswith("| scratch")]
+    assert len(rows) == 2 and all("±" in r and r.rstrip().endswith("| 2 |") for r in rows), md
+
+
+def test_predict_with_a_student(students, tmp_path):
+    models, _, _, _ = students
+    sentences = tmp_path / "s.txt"
+    sentences.write_text("The cat sat on the mat.\nMat the on sat cat the.\n")
+    out = ok(run("predict", 7, "--adapter", models / "distil_7", "--adapter", f"t={models / 'LoRA_7'}",
+                 "--input", sentences))
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 2 and all(line.startswith("distil_7: ") and "  t: " in line for line in lines)
+
+
+def test_predict_refuses_a_student_with_another_tokenizer(students, tmp_path):
+    models, _, _, _ = students
+    other = tmp_path / "other-tokenizer"
+    other.mkdir()
+    shutil.copy(COLA_DIR.parent.parent / "gpt2-tokenizer" / "merges.txt", other / "merges.txt")
+    vocab = json.loads((COLA_DIR.parent.parent / "gpt2-tokenizer" / "vocab.json").read_text())
+    vocab["the"], vocab["The"] = vocab["The"], vocab["the"]  # two ids swapped: another tokenizer
+    (other / "vocab.json").write_text(json.dumps(vocab))
+    sentences = tmp_path / "s.txt"
+    sentences.write_text("The cat sat on the mat.\n")
+    msg = user_error(run("predict", 7, "--adapter", models / "rnn_7", "--tokenizer", other, "--input", sentences))
+    assert "another tokenizer" in msg
+
+
+def test_no_teacher_names_the_command_and_writes_nothing(tmp_path):
+    msg = user_error(run("distil", 7, "--models-dir", tmp_path / "models", "--plots-dir", tmp_path / "plots",
+                         *SMALL))
+    assert "python run.py LoRA 7" in msg and "--teacher" in msg
+    assert not (tmp_path / "models").exists() and not (tmp_path / "plots").exists()
+
+
+def test_corrupt_teacher_is_a_clean_error_and_writes_nothing(teacher, tmp_path):
+    bad = tmp_path / "models" / "LoRA_7"
+    shutil.copytree(teacher / "models" / "LoRA_7", bad)
+    (bad / "adapter_model.safetensors").write_bytes(b"\x00" * 100)
+    msg = user_error(run("distil", 7, "--models-dir", tmp_path / "models", "--plots-dir", tmp_path / "plots",
+                         *SMALL))
+    assert "python run.py LoRA 7" in msg
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["LoRA_7"]
+
+
+def test_teacher_for_another_model_is_a_clean_error_and_writes_nothing(teacher, tmp_path):
+    from conftest import save_hf_gpt2
+    wider = save_hf_gpt2(tmp_path / "wider", n_layer=2, n_head=4, n_embd=128, n_positions=256)
+    msg = user_error(run("distil", 7, "--teacher", teacher / "models" / "LoRA_7", "--model", wider,
+                         "--models-dir", tmp_path / "models", "--plots-dir", tmp_path / "plots", *SMALL))
+    assert "does not fit" in msg and "python run.py LoRA 7" in msg
+    assert not (tmp_path / "models").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--alpha", "1.5"], "--alpha 1.5"),
+    (["--augment", "-1"], "--augment -1"),
+    (["--seeds", "0"], "argument --seeds"),
+    (["--rnn-type", "transformer"], "argument --rnn-type"),
+])
+def test_bad_student_flags(flags, message, tmp_path):
+    out = run("distil", 7, "--models-dir", tmp_path, *flags)
+    assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
