@@ -56,10 +56,12 @@ def non_negative(text):
     return value
 
 
-def add_common(p):
+MODEL_HELP = "gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2, a hub id, or a local directory in Hugging Face format"
+
+
+def add_common(p, model_help=MODEL_HELP):
     p.add_argument("SR", type=seed_arg, help="integer seed (e.g. a 5-digit student number); same SR, same numbers")
-    p.add_argument("--model", default="gpt2", help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2, a hub id, "
-                   "or a local directory in Hugging Face format (default: gpt2)")
+    p.add_argument("--model", default="gpt2", help=model_help)
     p.add_argument("--tokenizer", help="directory (or name) of the GPT-2 tokenizer files; default: the model's")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
@@ -70,33 +72,36 @@ def add_data(p):
     p.add_argument("--data-dir", default=os.environ.get("COLA_DIR", "data/cola"),
                    help="directory with CoLA's raw in_domain_train.tsv and in_domain_dev.tsv (default: $COLA_DIR "
                    "or data/cola; if absent, the hub's GLUE copy is tried)")
-    p.add_argument("--eval-split", default="in_domain", choices=["in_domain", "out_of_domain", "both"])
+    p.add_argument("--eval-split", default="in_domain", choices=["in_domain", "out_of_domain", "both"],
+                   help="CoLA's dev set(s) to evaluate on")
     p.add_argument("--max-length", type=positive(int), default=128, help="truncate longer sentences (counted)")
     p.add_argument("--skip-bad-rows", action="store_true", help="skip malformed data rows instead of stopping")
     p.add_argument("--limit-train", type=positive(int), help="use only the first N training sentences (quick runs)")
 
 
 def add_training(p, epochs, lr, batch_size, weight_decay):
-    p.add_argument("--epochs", type=positive(int), default=epochs)
-    p.add_argument("--lr", type=positive(float), default=lr)
-    p.add_argument("--batch-size", type=positive(int), default=batch_size)
-    p.add_argument("--weight-decay", type=non_negative, default=weight_decay)
-    p.add_argument("--warmup-ratio", type=fraction, default=0.06)
-    p.add_argument("--grad-clip", type=positive(float), default=1.0)
-    p.add_argument("--plots-dir", default="plots")
+    p.add_argument("--epochs", type=positive(int), default=epochs, help="passes over the training set")
+    p.add_argument("--lr", type=positive(float), default=lr, help="peak learning rate of AdamW")
+    p.add_argument("--batch-size", type=positive(int), default=batch_size, help="sentences per optimiser step")
+    p.add_argument("--weight-decay", type=non_negative, default=weight_decay, help="AdamW's, on matrices only")
+    p.add_argument("--warmup-ratio", type=fraction, default=0.06, help="linear warm-up over this share of the "
+                   "steps, then linear decay to 0")
+    p.add_argument("--grad-clip", type=positive(float), default=1.0, help="clip the gradient norm to this")
+    p.add_argument("--plots-dir", default="plots", help="where the PNG plots go")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last epoch")
 
 
 def add_student(p, distil):
     p.add_argument("--rnn-type", default="gru", choices=["gru", "lstm", "rnn"],
                    help="the recurrent cell; rnn is the plain tanh RNN of the course assignment")
-    p.add_argument("--rnn-layers", type=positive(int), default=1)
+    p.add_argument("--rnn-layers", type=positive(int), default=1, help="stacked recurrent layers")
     p.add_argument("--hidden", type=positive(int), default=128, help="hidden size per direction")
     p.add_argument("--emb-dim", type=positive(int), default=64, help="token embedding size")
-    p.add_argument("--bidirectional", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--bidirectional", action=argparse.BooleanOptionalAction, default=True,
+                   help="read the sentence both ways")
     p.add_argument("--pool", default="max", choices=["last", "mean", "max"],
                    help="sentence vector: final hidden states, or mean or max over the real tokens")
-    p.add_argument("--dropout", type=fraction, default=0.2)
+    p.add_argument("--dropout", type=fraction, default=0.2, help="on the sentence vector (and between layers)")
     p.add_argument("--seeds", type=positive(int), default=1, help="train K students, seeds SR, SR+1, ..., SR+K-1 "
                    "(one seed of a small RNN on CoLA is noise; the comparison shows mean ± std)")
     p.add_argument("--models-dir", default="models", help="runs go to MODELS_DIR/%s_<seed>/; the teacher is "
@@ -121,7 +126,7 @@ def build_parser():
     fmt = dict(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
     p = sub.add_parser("gen", help="generate text with the hand-written GPT-2", **fmt)
-    add_common(p)
+    add_common(p, MODEL_HELP + "; default: the adapter's base model, else gpt2")
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
     p.add_argument("--max-new-tokens", type=positive(int), default=100)
     p.add_argument("--temperature", type=non_negative, default=0.8, help="0 = greedy decoding")
@@ -152,7 +157,9 @@ def build_parser():
     for mode, text in (("distil", "distil the LoRA-tuned GPT-2 (teacher) into a small RNN (student)"),
                        ("rnn", "train the same RNN from scratch on the labels alone, for comparison")):
         p = sub.add_parser(mode, help=text, **fmt)
-        add_common(p)
+        add_common(p, "the teacher's base model; default: the one its adapter was trained on" if mode == "distil"
+                   else "the model whose tokenizer the student reads, if --tokenizer is not given; default: the "
+                   "teacher's (MODELS_DIR/LoRA_<SR>), else gpt2")
         p.set_defaults(model=None)
         add_data(p)
         add_student(p, distil=mode == "distil")
@@ -160,7 +167,7 @@ def build_parser():
 
     p = sub.add_parser("predict", help="classify sentences with trained adapters over one base model, or with "
                        "students", **fmt)
-    add_common(p)
+    add_common(p, MODEL_HELP + "; default: the adapters' base model")
     p.set_defaults(model=None)
     p.add_argument("--adapter", action="append", required=True, metavar="[NAME=]PATH",
                    help="adapter directory, or a student directory of `run.py distil|rnn` (recognised by its "
