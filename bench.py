@@ -440,7 +440,7 @@ def main():
                    "runs the teacher every batch trains on (its time is scaled per sentence to the full epoch)")
     p.add_argument("--distil-infer-sentences", type=int, default=256, help="distil: of them, those both models "
                    "infer for the inference speeds")
-    p.add_argument("--distil-repeats", type=int, default=3, help="distil: timed runs of each kind, in turns")
+    p.add_argument("--distil-repeats", type=int, default=5, help="distil: timed runs of each kind, in turns")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     tmp = None
