@@ -8,7 +8,10 @@ side by side with ratios and the targets, in one run. CPU, float32, no hub neede
     python bench.py distil  distillation on CoLA, ours only: a distil epoch with the teacher-logit cache vs
                             an rnn epoch, vs a distil epoch that runs the teacher every batch, and the
                             student's inference speed vs the teacher's (GPT-2 with a merged LoRA adapter)
-    python bench.py all     all three
+    python bench.py threads two `run.py LoRA` processes side by side on one machine (a small random-weight
+                            GPT-2): each with torch's default threads (every core: they fight) vs each with
+                            --threads cores/2, against one run alone; wall seconds of each
+    python bench.py all     gen, lora and distil
 
 Both sides run on one random-weight checkpoint of the real gpt2 shape (12 layers, 768 wide, 50257
 tokens, 1024 positions), written by transformers' own save_pretrained under --workdir (reused if there).
@@ -413,12 +416,56 @@ def bench_distil(args, ckpt):
           f"{teacher_sps:.1f} sent/s)", flush=True)
 
 
+# --------------------------------------------------------------------------- threads
+
+def bench_threads(args):
+    path = Path(args.workdir) / "gpt2-small-random"
+    if not (path / "model.safetensors").is_file():
+        from transformers import GPT2Config, GPT2LMHeadModel
+        torch.manual_seed(0)
+        GPT2LMHeadModel(GPT2Config(n_layer=4, n_head=4, n_embd=256)).save_pretrained(path)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    out = Path(args.workdir) / "threads-runs"
+
+    def together(threads, n):
+        """n runs started at once; the wall seconds of each."""
+        procs = []
+        for i in range(n):
+            cmd = [sys.executable, str(ROOT / "run.py"), "LoRA", str(i + 1), "--model", str(path), "--tokenizer",
+                   args.tokenizer, "--data-dir", args.data_dir, "--limit-train", str(args.threads_sentences),
+                   "--epochs", "1", "--out-dir", str(out / f"run{i}"), "--plots-dir", str(out / "plots")]
+            cmd += ["--threads", str(threads)] if threads else []
+            procs.append((time.perf_counter(), subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
+                                                                stderr=subprocess.PIPE, text=True)))
+        seconds = []
+        for t0, proc in procs:
+            _, err = proc.communicate()
+            assert proc.returncode == 0, err[-2000:]
+            seconds.append(time.perf_counter() - t0)
+        return seconds
+
+    print(f"threads: run.py LoRA, a 4-layer 256-wide GPT-2, {args.threads_sentences} CoLA sentences, 1 epoch "
+          f"(+ dev evaluation), {cores} cores", flush=True)
+    alone = together(None, 1)[0]
+    print(f"threads: one run alone, default threads ({cores}): {alone:.1f} s", flush=True)
+    fight = together(None, 2)
+    print(f"threads: two runs at once, default threads ({cores} each): "
+          f"{' and '.join(f'{t:.1f}' for t in fight)} s ({max(fight) / alone:.1f}x one run alone)", flush=True)
+    share = max(1, cores // 2)
+    shared = together(share, 2)
+    print(f"threads: two runs at once, --threads {share} each: {' and '.join(f'{t:.1f}' for t in shared)} s "
+          f"({max(shared) / alone:.1f}x one run alone; {max(fight) / max(shared):.1f}x faster than the default)",
+          flush=True)
+
+
 # --------------------------------------------------------------------------- main
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("what", choices=["gen", "lora", "distil", "all", "_lora_worker"], help="what to benchmark")
+    p.add_argument("what", choices=["gen", "lora", "distil", "threads", "all", "_lora_worker"],
+                   help="what to benchmark")
     p.add_argument("side", nargs="?", choices=["ours", "peft"], help=argparse.SUPPRESS)
     p.add_argument("--workdir", help="where the random-weight checkpoint is written, and reused next time; "
                    "None: a temporary directory, removed afterwards")
@@ -441,6 +488,7 @@ def main():
     p.add_argument("--distil-infer-sentences", type=int, default=256, help="distil: of them, those both models "
                    "infer for the inference speeds")
     p.add_argument("--distil-repeats", type=int, default=5, help="distil: timed runs of each kind, in turns")
+    p.add_argument("--threads-sentences", type=int, default=2048, help="threads: training sentences of each run")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     tmp = None
@@ -448,6 +496,8 @@ def main():
         tmp = tempfile.TemporaryDirectory(prefix="bench-gpt2-")
         args.workdir = tmp.name
     quiet_transformers()
+    if args.what == "threads":
+        return bench_threads(args)
     ckpt = checkpoint(args.workdir)
     if args.what == "_lora_worker":
         return lora_worker(args.side, args, ckpt)

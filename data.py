@@ -1,5 +1,6 @@
 """Data sets: CoLA's raw files (or the hub's copy), the transfer set of distillation (augmented
 sentences), and batching into dynamically padded batches."""
+import os
 import random
 from pathlib import Path
 
@@ -55,13 +56,110 @@ def cola_dir(data_dir):
     return d
 
 
-def load_cola(data_dir, eval_split="in_domain", skip_bad_rows=False):
-    """{'train': (sentences, labels), 'dev': (sentences, labels)} from the raw files in data_dir,
-    or, when data_dir holds none, from the hub (GLUE's CoLA, whose validation is both dev sets)."""
-    d = cola_dir(data_dir)
-    if (d / COLA_FILES["train"]).is_file():
+# The official raw release (CoLA 1.1). The two in-domain files are checked against the SHA-256 of the
+# release's own bytes; the release's zip has no published checksum, and out_of_domain_dev.tsv is checked
+# by its row count (516, as the release's README says), since we have no copy of its bytes to hash.
+COLA_URL = "https://nyu-mll.github.io/CoLA/cola_public_1.1.zip"
+COLA_SHA256 = {"in_domain_train.tsv": "f320a10f92d3bce6b29152fde322a362eac39238e50d8de0c8815457fdf4fc12",
+               "in_domain_dev.tsv": "77176f6a03faa5a1c4f23c69971fc1bff565931112fb65af47b2d6e24b7f42f7"}
+COLA_ROWS = {"in_domain_train.tsv": 8551, "in_domain_dev.tsv": 527, "out_of_domain_dev.tsv": 516}
+
+
+def cola_candidates(data_dir=None):
+    """Where the raw files are looked for, in order: --data-dir, $COLA_DIR, data/cola (raw/ or the release
+    root), data/ (the course template's layout). Relative paths are from the current directory."""
+    places = [("--data-dir", data_dir), ("$COLA_DIR", os.environ.get("COLA_DIR") or None),
+              ("data/cola", "data/cola"), ("data/", "data")]
+    return [(name, Path(d).expanduser()) for name, d in places if d]
+
+
+def offline():
+    return next((v for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
+                 if os.environ.get(v, "0") not in ("0", "", "false")), None)
+
+
+def download(url, path, timeout=30):
+    """The network boundary (tests replace this one function): the bytes at url, into path."""
+    import shutil
+    import urllib.request
+    with urllib.request.urlopen(url, timeout=timeout) as response, open(path, "wb") as f:
+        shutil.copyfileobj(response, f)
+
+
+def fetch_cola(dest):
+    """Download the official release, check its files, and put its raw/ files into dest/raw/. Returns
+    dest/raw. Raises UserError when the download is not the release (nothing is unpacked then) and OSError
+    or URLError when the network fails."""
+    import hashlib
+    import tempfile
+    import zipfile
+    from utils import atomic_write
+    with tempfile.TemporaryDirectory(prefix="cola-download-") as tmp:  # nothing lands in dest unless checked
+        archive = Path(tmp) / "cola_public_1.1.zip"
+        download(COLA_URL, archive)
+        problems, found = [], {}
+        try:
+            with zipfile.ZipFile(archive) as z:
+                for member in z.namelist():  # the members' own paths are never used: no zip-slip
+                    parent, _, name = member.rpartition("/")
+                    if name in COLA_ROWS and parent.endswith("raw"):
+                        found[name] = z.read(member)
+        except zipfile.BadZipFile as e:
+            problems.append(f"it is not a zip file ({e})")
+    for name, rows in COLA_ROWS.items():
+        data = found.get(name)
+        digest = hashlib.sha256(data).hexdigest() if data is not None else None
+        n = sum(1 for line in data.splitlines() if line.strip()) if data is not None else 0
+        if data is None:
+            problems.append(f"raw/{name} is missing")
+        elif name in COLA_SHA256 and digest != COLA_SHA256[name]:
+            problems.append(f"raw/{name} has SHA-256 {digest[:16]}..., the release's is {COLA_SHA256[name][:16]}...")
+        elif n != rows:
+            problems.append(f"raw/{name} has {n} rows, the release's has {rows}")
+    if problems:
+        raise UserError(f"the download from {COLA_URL} is not the CoLA 1.1 release ({'; '.join(problems)}); "
+                        f"nothing was unpacked. Download and unzip it by hand and pass --data-dir "
+                        f"path/to/cola_public/raw.")
+    raw = Path(dest) / "raw"
+    # Each file lands whole; the training file last, as it is what marks the directory as complete.
+    for name in sorted(COLA_ROWS, key=lambda n: n == COLA_FILES["train"]):
+        atomic_write(raw / name, lambda tmp, data=found[name]: Path(tmp).write_bytes(data))
+    return raw
+
+
+def find_cola(data_dir=None):
+    """(directory of the raw files, how it was found), fetching the official release into --data-dir,
+    $COLA_DIR or data/cola when no candidate holds it; (None, why not) when that fails too."""
+    candidates = cola_candidates(data_dir)
+    for name, d in candidates:
+        if (cola_dir(d) / COLA_FILES["train"]).is_file():
+            skipped = [f"{n} {p}" for n, p in candidates[:candidates.index((name, d))] if n.startswith(("-", "$"))]
+            if skipped:
+                print(f"note: {', '.join(skipped)} holds no {COLA_FILES['train']}; using {name}")
+            return cola_dir(d), f"{name}: {cola_dir(d)}"
+    looked = ", ".join(f"{n} {p}" if n.startswith(("-", "$")) else n for n, p in candidates)
+    if offline():
+        return None, f"looked in {looked}; no download, as {offline()} is set"
+    dest = candidates[0][1]
+    print(f"CoLA: no raw files in {looked}; downloading the official release {COLA_URL} into {dest}/raw ...",
+          flush=True)
+    try:
+        raw = fetch_cola(dest)
+    except OSError as e:  # URLError, timeouts and refused connections are OSErrors
+        return None, (f"looked in {looked}; the official release could not be downloaded from {COLA_URL} "
+                      f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})")
+    print(f"CoLA: downloaded, checked (SHA-256 of the in-domain files, row counts) and unpacked into {raw}")
+    return raw, f"downloaded: {raw}"
+
+
+def load_cola(data_dir=None, eval_split="in_domain", skip_bad_rows=False):
+    """{'train': (sentences, labels), 'dev': (sentences, labels), 'source': where they came from,
+    'eval_split': the dev split used}. The raw files are found (or fetched) by find_cola; when there are
+    none, the hub's GLUE copy, whose validation set is both dev sets (so eval_split becomes 'both')."""
+    d, source = find_cola(data_dir)
+    if d is not None:
         splits = {"train": ["train"], "dev": ["in_domain", "out_of_domain"] if eval_split == "both" else [eval_split]}
-        out = {}
+        out = {"source": source, "eval_split": eval_split}
         for split, parts in splits.items():
             sents, labels = [], []
             for part in parts:
@@ -79,23 +177,22 @@ def load_cola(data_dir, eval_split="in_domain", skip_bad_rows=False):
                 raise UserError(f"no sentences in {', '.join(COLA_FILES[p] for p in parts)} under {d}.")
             out[split] = (sents, labels)
         return out
-    hint = ("; the hub's GLUE validation set is both dev sets together, so also pass --eval-split both"
-            if eval_split != "both" else "")
     try:
         import datasets
         datasets.logging.set_verbosity_error()
         ds = datasets.load_dataset("nyu-mll/glue", "cola")
     except Exception as e:
-        raise UserError(f"no CoLA data: {d} does not hold {COLA_FILES['train']}, and the hub copy "
-                        f"(datasets.load_dataset('nyu-mll/glue', 'cola')) could not be loaded "
-                        f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}). Put the raw "
-                        f"CoLA files (in_domain_train.tsv, in_domain_dev.tsv) in data/cola or pass "
-                        f"--data-dir DIR (here: --data-dir ../shared/data/cola/raw){hint}.")
+        raise UserError(f"no CoLA data: {source}, and the hub copy (datasets.load_dataset('nyu-mll/glue', "
+                        f"'cola')) could not be loaded ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:160] if str(e) else ''}). Put the raw CoLA files "
+                        f"(in_domain_train.tsv, in_domain_dev.tsv) in data/cola or pass --data-dir DIR "
+                        f"(here: --data-dir ../shared/data/cola/raw).")
     if eval_split != "both":
-        raise UserError("CoLA came from the hub, whose validation set mixes in- and out-of-domain dev "
-                        "sentences: pass --eval-split both, or point --data-dir at the raw files.")
+        print(f"CoLA: using the hub's GLUE copy (nyu-mll/glue, cola), whose validation set holds the in- and "
+              f"out-of-domain dev sentences together: --eval-split is both, not {eval_split}")
     return {"train": (list(ds["train"]["sentence"]), list(ds["train"]["label"])),
-            "dev": (list(ds["validation"]["sentence"]), list(ds["validation"]["label"]))}
+            "dev": (list(ds["validation"]["sentence"]), list(ds["validation"]["label"])),
+            "source": "the hub (nyu-mll/glue, cola)", "eval_split": "both"}
 
 
 # --------------------------------------------------------------------------- batching

@@ -64,14 +64,18 @@ def add_common(p, model_help=MODEL_HELP):
     p.add_argument("--model", default="gpt2", help=model_help)
     p.add_argument("--tokenizer", help="directory (or name) of the GPT-2 tokenizer files; default: the model's")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
+    p.add_argument("--threads", type=positive(int), help="CPU threads of torch (default: $OMP_NUM_THREADS if set, "
+                   "else this machine's cores, divided among torchrun's local processes). Running several jobs at "
+                   "once? Give each cores/jobs threads")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="autocast precision; auto = bf16 on CUDA, fp32 elsewhere")
 
 
 def add_data(p):
-    p.add_argument("--data-dir", default=os.environ.get("COLA_DIR", "data/cola"),
-                   help="directory with CoLA's raw in_domain_train.tsv and in_domain_dev.tsv (default: $COLA_DIR "
-                   "or data/cola; if absent, the hub's GLUE copy is tried)")
+    p.add_argument("--data-dir", help="directory with CoLA's raw in_domain_train.tsv, in_domain_dev.tsv (and "
+                   "out_of_domain_dev.tsv). Looked for in --data-dir, $COLA_DIR, data/cola, data/; when none holds "
+                   "them, the official release is downloaded into the first of --data-dir, $COLA_DIR, data/cola "
+                   "(then the hub's GLUE copy is tried)")
     p.add_argument("--eval-split", default="in_domain", choices=["in_domain", "out_of_domain", "both"],
                    help="CoLA's dev set(s) to evaluate on")
     p.add_argument("--max-length", type=positive(int), default=128, help="truncate longer sentences (counted)")
@@ -200,12 +204,14 @@ def cola_examples(args, tok):
     """(training sentences, labels, train Examples, dev Examples, majority-class accuracy on dev)."""
     from data import Examples, load_cola
     data = load_cola(args.data_dir, args.eval_split, args.skip_bad_rows)
+    args.eval_split = data["eval_split"]  # the hub's copy has one validation set: both dev sets
     train_s, train_l = data["train"]
     if args.limit_train:
         train_s, train_l = train_s[:args.limit_train], train_l[:args.limit_train]
     train = Examples.encode(tok, train_s, train_l, args.max_length, "train")
     dev = Examples.encode(tok, *data["dev"], args.max_length, f"dev ({args.eval_split})")
     majority = max(dev.labels.float().mean().item(), 1 - dev.labels.float().mean().item())
+    print(f"CoLA data from {data['source']}")
     print(f"CoLA: {len(train)} training and {len(dev)} dev sentences ({args.eval_split}); majority-class "
           f"baseline on dev: accuracy {majority:.4f}, MCC 0.0000")
     return train_s, train_l, train, dev, majority
@@ -283,7 +289,7 @@ def cmd_gen(args):
 
 def cmd_lora(args):
     from model import GPT2_TARGETS, GPTClassifier, inject_adapters, mark_trainable
-    from utils import UserError, adapter_settings, atomic_write, autocast_dtype, load_gpt, load_tokenizer, \
+    from utils import RunLock, UserError, adapter_settings, atomic_write, autocast_dtype, load_gpt, load_tokenizer, \
         pick_device, save_adapter, seed_everything
 
     if args.peft == "ia3" and (args.rslora or args.lora_alpha is not None):
@@ -334,15 +340,16 @@ def cmd_lora(args):
 
     run_settings = {**settings, **{k: v for k, v in extras.items() if k != "command"}, "eval_split": args.eval_split,
                     "train_layernorm": not args.no_train_layernorm}
-    train_run(args, f"LoRA_{args.SR}", model, train, dev, majority, out_dir, save_best, run_settings, title,
-              device, amp)
-    if args.export_peft:
-        import shutil
-        export = Path(args.export_peft)
-        if export.resolve() != out_dir.resolve():
-            for name in ("adapter_config.json", "adapter_model.safetensors"):
-                atomic_write(export / name, lambda tmp: shutil.copyfile(out_dir / name, tmp))
-        print(f"peft adapter written to {args.export_peft} (load with peft.PeftModel.from_pretrained)")
+    with RunLock(out_dir, "--out-dir", args.command):
+        train_run(args, f"LoRA_{args.SR}", model, train, dev, majority, out_dir, save_best, run_settings, title,
+                  device, amp)
+        if args.export_peft:
+            import shutil
+            export = Path(args.export_peft)
+            if export.resolve() != out_dir.resolve():
+                for name in ("adapter_config.json", "adapter_model.safetensors"):
+                    atomic_write(export / name, lambda tmp: shutil.copyfile(out_dir / name, tmp))
+            print(f"peft adapter written to {args.export_peft} (load with peft.PeftModel.from_pretrained)")
 
 
 # --------------------------------------------------------------------------- distil and rnn
@@ -449,7 +456,7 @@ def cmd_student(args):
     from data import Examples, augment
     from model import DistilRNN, RNNConfig
     from train_utils import IGNORE, classification_metrics, kd_loss, predict_logits
-    from utils import UserError, autocast_dtype, load_tokenizer, pick_device, save_student, seed_everything, \
+    from utils import RunLock, UserError, autocast_dtype, load_tokenizer, pick_device, save_student, seed_everything, \
         tokenizer_fingerprint, write_json
 
     distil = args.mode == "distil"
@@ -532,16 +539,17 @@ def cmd_student(args):
                         if distil else None}
         title = (f"{args.mode} SR={seed}: {kind}, lr={args.lr:g}, batch={args.batch_size}"
                  + (f", alpha={args.alpha:g}, T={args.temperature:g}, augment={args.augment}" if distil else ""))
-        history = train_run(args, f"{args.mode}_{seed}", student, train_set, dev, majority, out_dir, save_best,
-                            run_settings, title, device, amp, loss_fn=loss_fn, seed=seed)
-        # Inference speed and training time, for the comparison table.
-        predict_logits(student, dev, device, 128, amp, progress=False)  # warm-up
-        t0 = time.time()
-        predict_logits(student, dev, device, 128, amp, progress=False)
-        config = json.loads((out_dir / "run_config.json").read_text())
-        config.update(inference_sentences_per_s=len(dev) / (time.time() - t0),
-                      train_seconds=sum(r.get("train_seconds", 0) for r in history))
-        write_json(out_dir / "run_config.json", config)
+        with RunLock(out_dir, "--models-dir", args.command):
+            history = train_run(args, f"{args.mode}_{seed}", student, train_set, dev, majority, out_dir, save_best,
+                                run_settings, title, device, amp, loss_fn=loss_fn, seed=seed)
+            # Inference speed and training time, for the comparison table.
+            predict_logits(student, dev, device, 128, amp, progress=False)  # warm-up
+            t0 = time.time()
+            predict_logits(student, dev, device, 128, amp, progress=False)
+            config = json.loads((out_dir / "run_config.json").read_text())
+            config.update(inference_sentences_per_s=len(dev) / (time.time() - t0),
+                          train_seconds=sum(r.get("train_seconds", 0) for r in history))
+            write_json(out_dir / "run_config.json", config)
     write_compare(args, models_dir)
 
 
@@ -692,8 +700,11 @@ def cmd_predict(args):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    from utils import UserError
+    from utils import UserError, set_threads
     args.command = "python run.py " + " ".join(map(shlex.quote, sys.argv[1:] if argv is None else map(str, argv)))
+    threads, why = set_threads(args.threads)
+    if args.mode not in ("gen", "predict"):  # their stdout is their output
+        print(f"CPU threads: {threads} ({why})")
     commands = {"gen": cmd_gen, "LoRA": cmd_lora, "distil": cmd_student, "rnn": cmd_student, "predict": cmd_predict}
     try:
         commands[args.mode](args)

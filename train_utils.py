@@ -1,6 +1,7 @@
 """One training loop for every mode (LoRA, distil, rnn), the losses, the metrics and the plots."""
 import json
 import math
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -56,6 +57,41 @@ def kd_loss(logits, batch, temperature=2.0, alpha=0.5):
     return alpha * t * t * kl + (1 - alpha) * ce_loss(logits, batch)
 
 
+# --------------------------------------------------------------------------- progress
+
+LOG_EVERY = 30  # seconds between progress lines in a log
+
+
+def progress_bar(iterable, total, desc, disable=False):
+    """A tqdm bar on a terminal. Off a terminal (a log file, CI, nohup, 2>&1 | tee), a bar redrawn dozens
+    of times a second makes the log unreadable: one plain line every LOG_EVERY seconds instead."""
+    if not disable and sys.stderr.isatty():
+        return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
+    return LogProgress(iterable, total, desc, every=float("inf") if disable else LOG_EVERY)
+
+
+class LogProgress:
+    """tqdm's interface as far as fit() uses it, printing 'desc: i/total (p%), s s, key value' lines."""
+
+    def __init__(self, iterable, total, desc, every=LOG_EVERY, file=None):
+        self.iterable, self.total, self.desc, self.every, self.file = iterable, total, desc, every, file
+        self.postfix = {}
+
+    def set_postfix(self, **values):
+        self.postfix = values
+
+    def __iter__(self):
+        start = last = time.time()
+        for i, item in enumerate(self.iterable, 1):
+            yield item
+            now = time.time()
+            if now - last >= self.every and i < self.total:
+                last = now
+                extra = "".join(f", {k} {v}" for k, v in self.postfix.items())
+                print(f"{self.desc}: {i}/{self.total} ({100 * i / self.total:.0f}%), {now - start:.0f} s{extra}",
+                      file=self.file or sys.stderr, flush=True)
+
+
 # --------------------------------------------------------------------------- the loop
 
 @dataclass
@@ -79,8 +115,8 @@ def predict_logits(model, examples, device, batch_size=128, amp_dtype=None, desc
     """(len(examples), num_labels) float32 logits on the CPU, in the examples' order."""
     model.eval()
     out = []
-    for batch in tqdm(examples.batches(batch_size), total=math.ceil(len(examples) / batch_size),
-                      desc=desc, leave=False, dynamic_ncols=True, disable=not progress):
+    for batch in progress_bar(examples.batches(batch_size), math.ceil(len(examples) / batch_size), desc,
+                              disable=not progress):
         with autocast(device, amp_dtype):
             logits = model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
         out.append(logits.float().cpu())
@@ -144,14 +180,21 @@ def fit(model, train, dev, cfg, device, out_dir, loss_fn=ce_loss, amp_dtype=None
 
     ckpt_path = out_dir / "last.pt"
     if resume and ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        from utils import UserError
+        try:  # weights_only: tensors, numbers, strings, lists and dicts, never objects that run code on loading
+            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+            before = {"config": ckpt["config"], "settings": ckpt.get("settings"), "n_train": ckpt.get("n_train"),
+                      "shapes": {n: tuple(t.shape) for n, t in ckpt["trainable"].items()}}
+        except Exception as e:
+            raise UserError(f"--resume: {ckpt_path} is not a resume checkpoint that can be read safely "
+                            f"({type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}). "
+                            f"A resume checkpoint holds only tensors, numbers, strings, lists and dicts; this one is "
+                            f"damaged or holds other objects, which could run code when loaded. Delete it to start "
+                            f"afresh.")
         shapes = {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
         now = {"config": asdict(cfg), "settings": run_settings, "n_train": len(train), "shapes": shapes}
-        before = {"config": ckpt["config"], "settings": ckpt.get("settings"), "n_train": ckpt.get("n_train"),
-                  "shapes": {n: tuple(t.shape) for n, t in ckpt["trainable"].items()}}
         differ = [k for k in now if now[k] != before[k]]
         if differ:
-            from utils import UserError
             raise UserError(f"--resume: {ckpt_path} was written by a run with other settings (they differ in: "
                             f"{', '.join(differ)}); rerun with the same flags as the interrupted run, or delete "
                             f"{ckpt_path} to start afresh.")
@@ -168,8 +211,8 @@ def fit(model, train, dev, cfg, device, out_dir, loss_fn=ce_loss, amp_dtype=None
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         t0, seen, loss_sum, labelled, correct = time.time(), 0, 0.0, 0, 0
-        bar = tqdm(train.batches(cfg.batch_size, shuffle=True, seed=cfg.seed * 1000 + epoch),
-                   total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True)
+        bar = progress_bar(train.batches(cfg.batch_size, shuffle=True, seed=cfg.seed * 1000 + epoch),
+                           steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}")
         for batch in bar:
             batch = to_device(batch, device)
             with autocast(device, amp_dtype):

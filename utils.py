@@ -53,7 +53,32 @@ def autocast_dtype(precision, device):
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-# --------------------------------------------------------------------------- atomic files
+def set_threads(requested=None):
+    """The CPU threads of torch: --threads N; else $OMP_NUM_THREADS when set (torch reads it, torchrun sets
+    it); else the cores this process may run on, shared among the local ranks of a multi-process launch
+    ($LOCAL_WORLD_SIZE). Several processes that each take every core fight over them and all run many
+    times slower. Returns (threads, why)."""
+    if requested:
+        n, why = requested, "--threads"
+    elif os.environ.get("OMP_NUM_THREADS", "").strip():
+        n, why = torch.get_num_threads(), "$OMP_NUM_THREADS"
+    else:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        try:
+            ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        except ValueError:
+            ranks = 1
+        n = max(1, cores // ranks)
+        why = f"{cores} cores" + (f" shared by {ranks} local processes" if ranks > 1 else "")
+    torch.set_num_threads(n)
+    return n, why
+
+
+# --------------------------------------------------------------------------- atomic files and run locks
+
+UMASK = os.umask(0o022)  # read once, at import: os.umask can only be read by setting it
+os.umask(UMASK)
+
 
 def atomic_write(path, write):
     """Call write(tmp_path), then rename tmp over path: a kill leaves the old file or the new one,
@@ -62,15 +87,67 @@ def atomic_write(path, write):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=path.suffix)
     os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes files private; ours are ordinary outputs
     try:
         write(tmp)
+        # mkstemp makes the file private (0600), and some writers (safetensors) make a new file of their
+        # own: either way, give it the mode a plain open() would, so that others can read shared outputs.
+        os.chmod(tmp, 0o666 & ~UMASK)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+class RunLock:
+    """One run per output directory: an advisory lock (flock) on DIR/.lock, held while the run writes
+    there. The operating system drops it when the process ends, however it ends (SIGKILL included), so
+    a killed run never leaves a stale lock behind and --resume just works. The file names the holder."""
+
+    def __init__(self, directory, flag, command=""):
+        self.dir, self.flag, self.command, self.file = Path(directory), flag, command, None
+
+    def __enter__(self):
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.dir / ".lock", "a+")
+        if not _try_lock(self.file):
+            self.file.seek(0)
+            holder = self.file.read().strip() or "a process that did not say which"
+            self.file.close()
+            raise UserError(f"{self.dir} is in use by another run ({holder}): two runs writing one directory would "
+                            f"mix their files. Wait for that run to finish, or give this one another "
+                            f"directory ({self.flag}).")
+        import socket
+        import time
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                        f"{self.command}\n")
+        self.file.flush()
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()  # closing the file releases the lock
+
+
+try:
+    import fcntl
+
+    def _try_lock(f):
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+except ImportError:  # Windows
+    import msvcrt
+
+    def _try_lock(f):
+        try:
+            f.seek(0)
+            msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+            return True
+        except OSError:
+            return False
 
 
 def write_json(path, obj):

@@ -55,11 +55,11 @@ def gpt2_dir(tmp_path_factory):
 
 # --------------------------------------------------------------------------- the command line, as a user runs it
 
-def run(*args, env=None):
-    """python run.py ARGS from the repository root, offline; returns the CompletedProcess."""
+def run(*args, env=None, cwd=ROOT):
+    """python run.py ARGS (from the repository root unless cwd is given), offline; returns the CompletedProcess."""
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                 "OMP_NUM_THREADS": "1", **(env or {})}  # one thread: tiny models, and no oversubscription
-    return subprocess.run([sys.executable, "run.py", *map(str, args)], cwd=ROOT, env=full_env, capture_output=True,
+    return subprocess.run([sys.executable, str(ROOT / "run.py"), *map(str, args)], cwd=cwd, env=full_env, capture_output=True,
                           text=True, errors="replace", timeout=600)
 
 
