@@ -1,5 +1,6 @@
-"""Data sets: CoLA's raw files (or the hub's copy), the transfer set of distillation (augmented
-sentences), and batching into dynamically padded batches."""
+"""Data sets: CoLA's raw files (or the hub's copy), IMDB, your own TSV/CSV/JSONL files, the transfer set
+of distillation (augmented sentences), and batching into dynamically padded batches. Every loader returns
+{'train': (texts, label ids), 'dev': (texts, label ids), 'labels': label names, 'source': where from}."""
 import os
 import random
 from pathlib import Path
@@ -193,6 +194,145 @@ def load_cola(data_dir=None, eval_split="in_domain", skip_bad_rows=False):
     return {"train": (list(ds["train"]["sentence"]), list(ds["train"]["label"])),
             "dev": (list(ds["validation"]["sentence"]), list(ds["validation"]["label"])),
             "source": "the hub (nyu-mll/glue, cola)", "eval_split": "both"}
+
+
+# --------------------------------------------------------------------------- IMDB and your own files
+
+IMDB_LABELS = ["negative", "positive"]
+IMDB_SAMPLE = "imdb_labelled.txt"  # the offline sample's name: sentence TAB label (0/1), no header
+
+
+def read_table(path, text_column="text", label_column="label", skip_bad_rows=False):
+    """(texts, raw label strings, skipped rows) from a .tsv/.txt (tab-separated), .csv or .jsonl file. TSV
+    and CSV: a header row that names text_column and label_column, or no header and two columns, text
+    then label. A bad row is an error naming file and line, or skipped and counted with skip_bad_rows."""
+    import csv
+    import io
+    import json
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(f"{path}: no such file. Give a .tsv, .csv or .jsonl file with a text and a label column.")
+    kind = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}.get(path.suffix.lower(), "tsv")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({e}); save it as UTF-8.")
+    rows = []  # (line number, text, label, what is wrong)
+    if kind == "jsonl":
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    obj = json.loads(line)
+                    assert isinstance(obj, dict)
+                    rows.append((lineno, obj.get(text_column), obj.get(label_column), None))
+                except (ValueError, AssertionError):
+                    rows.append((lineno, None, None, "not a JSON object"))
+    else:
+        parsed = list(csv.reader(io.StringIO(text), delimiter="," if kind == "csv" else "\t",
+                                 quoting=csv.QUOTE_MINIMAL if kind == "csv" else csv.QUOTE_NONE))
+        header = parsed[0] if parsed else []
+        if text_column in header and label_column in header:
+            t, l, width, body = header.index(text_column), header.index(label_column), len(header), parsed[1:]
+        else:  # no header: text, label
+            t, l, width, body = 0, 1, 2, parsed
+        for lineno, r in enumerate(body, len(parsed) - len(body) + 1):
+            if any(x.strip() for x in r):
+                rows.append((lineno, r[t], r[l], None) if len(r) == width else
+                            (lineno, None, None, f"{len(r)} columns instead of {width}"))
+    texts, labels, skipped = [], [], 0
+    for lineno, t, l, problem in rows:
+        if problem is None and (not isinstance(t, str) or not t.strip()):
+            problem = f"no text (column {text_column!r})"
+        elif problem is None and (l is None or not str(l).strip()):
+            problem = f"no label (column {label_column!r})"
+        if problem:
+            if not skip_bad_rows:
+                raise UserError(f"{path}, line {lineno}: {problem}. Rows need a text and a label: a header row "
+                                f"naming --text-column ({text_column}) and --label-column ({label_column}), or two "
+                                f"columns, text then label, without a header. Fix the row or pass --skip-bad-rows.")
+            skipped += 1
+            continue
+        texts.append(t.strip())
+        labels.append(str(l).strip())
+    if not texts:
+        raise UserError(f"{path}: no rows with a text and a label.")
+    return texts, labels, skipped
+
+
+def label_names(raw):
+    """The classes of raw label strings, in order: numerically when all are integers (0, 1, 2 ...)."""
+    values = set(raw)
+    if all(v.lstrip("-").isdigit() for v in values):
+        return sorted(values, key=int)
+    return sorted(values)
+
+
+def split_off(texts, labels, share, seed):
+    """Hold out a seeded share of (texts, labels) as a dev set: ((train), (dev))."""
+    order = list(range(len(texts)))
+    random.Random(seed).shuffle(order)
+    n_dev = max(1, round(share * len(texts)))
+    dev, train = sorted(order[:n_dev]), sorted(order[n_dev:])
+    pick = lambda idx: ([texts[i] for i in idx], [labels[i] for i in idx])
+    return pick(train), pick(dev)
+
+
+def load_files(train_file, eval_file=None, text_column="text", label_column="label", skip_bad_rows=False,
+               seed=0, names=None):
+    """Your own data. Without eval_file, a seeded 20% of train_file is held out as the dev set."""
+    train_t, train_raw, skipped = read_table(train_file, text_column, label_column, skip_bad_rows)
+    if skipped:
+        print(f"skipped {skipped} bad rows in {train_file}")
+    names = names or label_names(train_raw)
+    if eval_file:
+        dev_t, dev_raw, skipped = read_table(eval_file, text_column, label_column, skip_bad_rows)
+        if skipped:
+            print(f"skipped {skipped} bad rows in {eval_file}")
+        unknown = sorted(set(dev_raw) - set(names))
+        if unknown:
+            raise UserError(f"{eval_file}: labels {unknown[:5]} do not occur in {train_file} (whose labels are "
+                            f"{names[:10]}); a classifier can only predict the classes it was trained on.")
+    if len(names) < 2:
+        raise UserError(f"{train_file}: every row has the label {names[0]!r}; a classifier needs two classes or more.")
+    ids = {name: i for i, name in enumerate(names)}
+    train = (train_t, [ids[x] for x in train_raw])
+    if eval_file:
+        dev, source = (dev_t, [ids[x] for x in dev_raw]), f"{train_file} (train), {eval_file} (dev)"
+    else:
+        train, dev = split_off(*train, 0.2, seed)
+        source = f"{train_file} (a seeded 20% held out as dev)"
+    return {"train": train, "dev": dev, "labels": names, "source": source}
+
+
+def load_imdb(data_dir=None, skip_bad_rows=False, seed=0):
+    """IMDB sentiment: the hub's stanfordnlp/imdb (25k train, 25k test reviews), or offline a local file or
+    directory holding imdb_labelled.txt (sentence TAB 0/1, e.g. ../shared/data/imdb-sentences), of which
+    a seeded 20% is the dev set."""
+    if data_dir:
+        path = Path(data_dir).expanduser()
+        path = path / IMDB_SAMPLE if path.is_dir() else path
+        data = load_files(path, skip_bad_rows=skip_bad_rows, seed=seed, names=["0", "1"])
+        return {**data, "labels": IMDB_LABELS}
+    try:
+        import datasets
+        datasets.logging.set_verbosity_error()
+        ds = datasets.load_dataset("stanfordnlp/imdb")
+    except Exception as e:
+        raise UserError(f"no IMDB data: the hub copy (datasets.load_dataset('stanfordnlp/imdb')) could not be "
+                        f"loaded ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}). Offline, "
+                        f"pass --data-dir with a file of 'sentence<TAB>label' rows or a directory holding "
+                        f"{IMDB_SAMPLE} (here: --data-dir ../shared/data/imdb-sentences), or --train-file.")
+    return {"train": (list(ds["train"]["text"]), list(ds["train"]["label"])),
+            "dev": (list(ds["test"]["text"]), list(ds["test"]["label"])), "labels": IMDB_LABELS,
+            "source": "the hub (stanfordnlp/imdb; dev = its test split)"}
+
+
+def subsample(texts, labels, size, seed):
+    """A seeded random subset of `size` examples (in their original order), or all of them."""
+    if not size or size >= len(texts):
+        return texts, labels
+    keep = sorted(random.Random(seed).sample(range(len(texts)), size))
+    return [texts[i] for i in keep], [labels[i] for i in keep]
 
 
 # --------------------------------------------------------------------------- batching

@@ -72,13 +72,25 @@ def add_common(p, model_help=MODEL_HELP):
 
 
 def add_data(p):
-    p.add_argument("--data-dir", help="directory with CoLA's raw in_domain_train.tsv, in_domain_dev.tsv (and "
+    p.add_argument("--dataset", default="cola", choices=["cola", "imdb"], help="cola (acceptability, 2 classes) or "
+                   "imdb (sentiment: the hub's stanfordnlp/imdb, or offline --data-dir with imdb_labelled.txt)")
+    p.add_argument("--data-dir", help="cola: directory with CoLA's raw in_domain_train.tsv, in_domain_dev.tsv (and "
                    "out_of_domain_dev.tsv). Looked for in --data-dir, $COLA_DIR, data/cola, data/; when none holds "
                    "them, the official release is downloaded into the first of --data-dir, $COLA_DIR, data/cola "
-                   "(then the hub's GLUE copy is tried)")
+                   "(then the hub's GLUE copy is tried). imdb: a 'sentence<TAB>label' file or a directory holding "
+                   "imdb_labelled.txt (default: the hub)")
+    p.add_argument("--train-file", help="your own data instead of --dataset: a .tsv, .csv or .jsonl file with a text "
+                   "and a label column (any number of classes)")
+    p.add_argument("--eval-file", help="its dev set (default: a seeded 20%% of --train-file)")
+    p.add_argument("--text-column", default="text", help="--train-file's text column (a header row names it; "
+                   "without a header: column 1)")
+    p.add_argument("--label-column", default="label", help="--train-file's label column (without a header: column 2)")
     p.add_argument("--eval-split", default="in_domain", choices=["in_domain", "out_of_domain", "both"],
                    help="CoLA's dev set(s) to evaluate on")
-    p.add_argument("--max-length", type=positive(int), default=128, help="truncate longer sentences (counted)")
+    p.add_argument("--train-size", type=positive(int), help="a random subset of N training examples, seeded by SR")
+    p.add_argument("--eval-size", type=positive(int), help="a random subset of N dev examples, seeded by SR")
+    p.add_argument("--max-length", type=positive(int), default=128, help="truncate longer texts to this many tokens "
+                   "(counted)")
     p.add_argument("--skip-bad-rows", action="store_true", help="skip malformed data rows instead of stopping")
     p.add_argument("--limit-train", type=positive(int), help="use only the first N training sentences (quick runs)")
 
@@ -200,21 +212,35 @@ def check_writable(dirs):
                             f"{'not a directory' if not existing.is_dir() else 'not writable'}); choose another path.")
 
 
-def cola_examples(args, tok):
-    """(training sentences, labels, train Examples, dev Examples, majority-class accuracy on dev)."""
-    from data import Examples, load_cola
-    data = load_cola(args.data_dir, args.eval_split, args.skip_bad_rows)
-    args.eval_split = data["eval_split"]  # the hub's copy has one validation set: both dev sets
-    train_s, train_l = data["train"]
+def task_examples(args, tok):
+    """The data of a training run (CoLA, IMDB or --train-file) as a namespace: texts (the training texts),
+    train and dev (Examples), labels (class names), name, and majority (the dev accuracy of always
+    answering the most common class: MCC 0)."""
+    from types import SimpleNamespace
+    from data import Examples, load_cola, load_files, load_imdb, subsample
+    if args.train_file:
+        data, name = load_files(args.train_file, args.eval_file, args.text_column, args.label_column,
+                                args.skip_bad_rows, seed=args.SR), Path(args.train_file).stem
+    elif args.dataset == "imdb":
+        data, name = load_imdb(args.data_dir, args.skip_bad_rows, seed=args.SR), "imdb"
+    else:
+        data, name = load_cola(args.data_dir, args.eval_split, args.skip_bad_rows), "cola"
+        data["labels"] = COLA_LABELS
+        args.eval_split = data["eval_split"]  # the hub's copy has one validation set: both dev sets
+    train_s, train_l = subsample(*data["train"], args.train_size, args.SR)
     if args.limit_train:
         train_s, train_l = train_s[:args.limit_train], train_l[:args.limit_train]
+    dev_s, dev_l = subsample(*data["dev"], args.eval_size, args.SR + 1)
     train = Examples.encode(tok, train_s, train_l, args.max_length, "train")
-    dev = Examples.encode(tok, *data["dev"], args.max_length, f"dev ({args.eval_split})")
-    majority = max(dev.labels.float().mean().item(), 1 - dev.labels.float().mean().item())
-    print(f"CoLA data from {data['source']}")
-    print(f"CoLA: {len(train)} training and {len(dev)} dev sentences ({args.eval_split}); majority-class "
-          f"baseline on dev: accuracy {majority:.4f}, MCC 0.0000")
-    return train_s, train_l, train, dev, majority
+    dev = Examples.encode(tok, dev_s, dev_l, args.max_length, "dev")
+    shares = [dev_l.count(k) / len(dev_l) for k in range(len(data["labels"]))]
+    majority = max(shares)
+    title = {"cola": "CoLA", "imdb": "IMDB"}.get(name, name)
+    print(f"{title} data from {data['source']}")
+    what = f"sentences ({args.eval_split})" if name == "cola" else f"examples, {len(data['labels'])} classes"
+    print(f"{title}: {len(train)} training and {len(dev)} dev {what}; majority-class baseline on dev: accuracy "
+          f"{majority:.4f}, MCC 0.0000")
+    return SimpleNamespace(texts=train_s, train=train, dev=dev, labels=data["labels"], name=name, majority=majority)
 
 
 def train_run(args, name, model, train, dev, majority, out_dir, save_best, run_settings, title, device, amp,
@@ -304,9 +330,10 @@ def cmd_lora(args):
     print_config(args)
     check_writable([("--out-dir", out_dir), ("--plots-dir", args.plots_dir), ("--export-peft", args.export_peft)])
     tok = load_tokenizer(args.tokenizer or args.model)
-    _, _, train, dev, majority = cola_examples(args, tok)
+    task = task_examples(args, tok)
+    train, dev, majority = task.train, task.dev, task.majority
 
-    model = load_gpt(args.model, cls=GPTClassifier, num_labels=2)
+    model = load_gpt(args.model, cls=GPTClassifier, num_labels=len(task.labels))
     if args.max_length > model.config.block_size:
         raise UserError(f"--max-length {args.max_length} is longer than {args.model}'s block size "
                         f"{model.config.block_size}; use at most that.")
@@ -326,8 +353,8 @@ def cmd_lora(args):
     settings = adapter_settings(args.peft, args.lora_rank, alpha, args.lora_dropout, args.rslora, targets,
                                 feedforward, modules_to_save=["score", *layernorms])
     settings["base_model_name_or_path"] = str(args.model)
-    extras = {"model": str(args.model), "tokenizer": str(args.tokenizer or args.model), "labels": COLA_LABELS,
-              "task": "cola", "seed": args.SR, "max_length": args.max_length, "parameters": total,
+    extras = {"model": str(args.model), "tokenizer": str(args.tokenizer or args.model), "labels": task.labels,
+              "task": task.name, "seed": args.SR, "max_length": args.max_length, "parameters": total,
               "trainable_parameters": trainable, "majority_acc": majority, "command": args.command}
     title = (f"LoRA SR={args.SR}: {args.model}, {args.peft} r={args.lora_rank} alpha={alpha:g}, lr={args.lr:g}, "
              f"batch={args.batch_size}" if args.peft == "lora" else
@@ -374,9 +401,6 @@ class Teacher:
         except UserError as e:
             raise UserError(f"the teacher {self.dir} is unusable: {e} Make it again: {self.make}.")
         self.num_labels = self.tensors["score.weight"].shape[0]
-        if self.num_labels != len(COLA_LABELS):
-            raise UserError(f"the teacher {self.dir} has {self.num_labels} labels, CoLA has 2: it was trained for "
-                            f"another task. {self.make}.")
         self.base = args.model or extras.get("model") or self.settings.get("base_model_name_or_path") or "gpt2"
         self.tokenizer = args.tokenizer or extras.get("tokenizer") or self.base
         base_dir = resolve_model_dir(self.base)
@@ -477,7 +501,11 @@ def cmd_student(args):
     teacher = Teacher(args, device, amp) if distil else None
     tok_name = teacher.tokenizer if distil else student_tokenizer(args)
     tok = load_tokenizer(tok_name)
-    train_s, _, train, dev, majority = cola_examples(args, tok)
+    task = task_examples(args, tok)
+    train_s, train, dev, majority = task.texts, task.train, task.dev, task.majority
+    if distil and teacher.num_labels != len(task.labels):
+        raise UserError(f"the teacher {teacher.dir} has {teacher.num_labels} classes, the data {len(task.labels)} "
+                        f"({', '.join(task.labels)}): it was trained for another task. {teacher.make}.")
 
     teacher_info = None
     if distil:
@@ -490,7 +518,7 @@ def cmd_student(args):
         print(f"teacher {teacher.dir} ({teacher.base}, {info['parameters']:,} parameters): dev accuracy "
               f"{t['acc']:.4f}, MCC {t['mcc']:.4f} (majority baseline {majority:.4f}, MCC 0)")
 
-    rnn_config = RNNConfig(vocab_size=len(tok), num_labels=len(COLA_LABELS), rnn_type=args.rnn_type,
+    rnn_config = RNNConfig(vocab_size=len(tok), num_labels=len(task.labels), rnn_type=args.rnn_type,
                            emb_dim=args.emb_dim, hidden=args.hidden, n_layers=args.rnn_layers,
                            bidirectional=args.bidirectional, pool=args.pool, dropout=args.dropout)
     embeddings = (teacher_embeddings(teacher.base, len(tok), args.emb_dim)
@@ -523,7 +551,7 @@ def cmd_student(args):
         print(f"student (seed {seed}): {kind}: {total:,} parameters ({total / 1e6:.2f}M{ratio})", flush=True)
         student.to(device)
         extras = {"mode": args.mode, "seed": seed, "seed_group": seeds, "tokenizer": str(tok_name),
-                  "tokenizer_fingerprint": tokenizer_fingerprint(tok), "labels": COLA_LABELS,
+                  "tokenizer_fingerprint": tokenizer_fingerprint(tok), "labels": task.labels, "task": task.name,
                   "max_length": args.max_length, "eval_split": args.eval_split, "parameters": total,
                   "majority_acc": majority, "teacher": teacher_info, "command": args.command}
 
@@ -533,6 +561,7 @@ def cmd_student(args):
                     f"({path.stat().st_size / 1024:.0f} KB)")
 
         run_settings = {"student": vars(rnn_config), "tokenizer_fingerprint": extras["tokenizer_fingerprint"],
+                        "task": task.name,
                         "max_length": args.max_length, "eval_split": args.eval_split,
                         "teacher": teacher.id if distil else None, "n_examples": len(train_set),
                         "kd": [args.alpha, args.temperature, args.augment, args.init_embeddings_from_teacher]
@@ -595,7 +624,7 @@ def write_compare(args, models_dir):
         rows.append(row)
     majority = runs["distil"][0]["majority_acc"]
     prefix = Path(args.plots_dir) / f"compare_{args.SR}"
-    md, png = write_comparison(prefix, rows, majority, f"CoLA, SR={args.SR}: teacher vs KD student vs scratch student")
+    md, png = write_comparison(prefix, rows, majority, f"{runs['distil'][0].get('task', 'cola')}, SR={args.SR}: teacher vs KD student vs scratch student")
     if runs["distil"][0]["student"] != runs["rnn"][0]["student"]:
         print("warning: the two students differ in architecture; the comparison is not like for like")
     print(f"comparison: {md} and {png}")

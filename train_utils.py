@@ -17,14 +17,20 @@ from utils import atomic_write
 # --------------------------------------------------------------------------- metrics and losses
 
 def classification_metrics(preds, labels):
-    """Accuracy and Matthews correlation (CoLA's official metric: 0 for any constant predictor)."""
-    preds, labels = preds.long(), labels.long()
-    tp = int(((preds == 1) & (labels == 1)).sum())
-    tn = int(((preds == 0) & (labels == 0)).sum())
-    fp = int(((preds == 1) & (labels == 0)).sum())
-    fn = int(((preds == 0) & (labels == 1)).sum())
-    denom = math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
-    return {"acc": (tp + tn) / max(1, len(labels)), "mcc": (tp * tn - fp * fn) / denom if denom else 0.0}
+    """Accuracy and Matthews correlation (CoLA's official metric: 0 for any constant predictor), in its
+    multi-class form (Gorodkin's R_K), which for two classes is the usual (tp*tn - fp*fn) / sqrt(...)."""
+    preds, labels = preds.long().tolist(), labels.long().tolist()
+    k = max(preds + labels, default=0) + 1
+    true_counts, pred_counts = [0] * k, [0] * k
+    correct = 0
+    for p, t in zip(preds, labels):
+        true_counts[t] += 1
+        pred_counts[p] += 1
+        correct += p == t
+    n = len(labels)
+    cov_tp = correct * n - sum(p * t for p, t in zip(pred_counts, true_counts))
+    denom = math.sqrt((n * n - sum(p * p for p in pred_counts)) * (n * n - sum(t * t for t in true_counts)))
+    return {"acc": correct / max(1, n), "mcc": cov_tp / denom if denom else 0.0}
 
 
 IGNORE = -100  # the label of a transfer-set sentence: it carries the teacher's soft targets only
