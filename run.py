@@ -153,22 +153,32 @@ def build_parser():
                    "model defaults to the one the adapter was trained on")
     p.set_defaults(model=None)
 
-    p = sub.add_parser("LoRA", help="fine-tune GPT-2 with LoRA (or IA3) adapters on CoLA", **fmt)
-    add_common(p)
-    add_data(p)
-    p.add_argument("--peft", default="lora", choices=["lora", "ia3"])
-    p.add_argument("--lora-rank", type=positive(int), default=4)
-    p.add_argument("--lora-alpha", type=float, help="default: equal to the rank (scaling 1)")
-    p.add_argument("--lora-dropout", type=fraction, default=0.1)
-    p.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) instead of alpha/r")
-    p.add_argument("--target-modules", nargs="+", help="linear layers to adapt, by name suffix (default: LoRA: "
-                   "attn.c_attn attn.c_proj mlp.c_fc mlp.c_proj; IA3: attn.c_attn mlp.c_proj)")
-    p.add_argument("--feedforward-modules", nargs="+", help="IA3 only: targets whose input, not output, is "
-                   "scaled (default: mlp.c_proj)")
-    p.add_argument("--no-train-layernorm", action="store_true", help="freeze the layer norms too")
-    add_training(p, epochs=5, lr=1e-3, batch_size=32, weight_decay=0.01)
-    p.add_argument("--out-dir", help="where the adapter, metrics and resume checkpoint go (default: models/LoRA_<SR>)")
-    p.add_argument("--export-peft", metavar="DIR", help="also copy the best adapter, in peft's format, to DIR")
+    for mode, text in (("LoRA", "fine-tune GPT-2 (or another backbone) with LoRA or IA3 adapters on CoLA or "
+                                 "other data"),
+                       ("sweep", "several LoRA/IA3 configurations (--configs FILE) over one backbone and data set, "
+                                 "compared side by side")):
+        p = sub.add_parser(mode, help=text, **fmt)
+        add_common(p)
+        add_data(p)
+        p.add_argument("--peft", default="lora", choices=["lora", "ia3"])
+        p.add_argument("--lora-rank", type=positive(int), default=4)
+        p.add_argument("--lora-alpha", type=float, help="default: equal to the rank (scaling 1)")
+        p.add_argument("--lora-dropout", type=fraction, default=0.1)
+        p.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) instead of alpha/r")
+        p.add_argument("--target-modules", nargs="+", help="linear layers to adapt, by name suffix (default: LoRA: "
+                       "attn.c_attn attn.c_proj mlp.c_fc mlp.c_proj; IA3: attn.c_attn mlp.c_proj)")
+        p.add_argument("--feedforward-modules", nargs="+", help="IA3 only: targets whose input, not output, is "
+                       "scaled (default: mlp.c_proj)")
+        p.add_argument("--no-train-layernorm", action="store_true", help="freeze the layer norms too")
+        add_training(p, epochs=5, lr=1e-3, batch_size=32, weight_decay=0.01)
+        if mode == "LoRA":
+            p.add_argument("--out-dir", help="where the adapter, metrics and resume checkpoint go (default: "
+                           "models/LoRA_<SR>)")
+            p.add_argument("--export-peft", metavar="DIR", help="also copy the best adapter, in peft's format, to DIR")
+        else:
+            p.add_argument("--configs", required=True, metavar="FILE", help="JSON or YAML: a list of configurations, "
+                           "each a dict of " + ", ".join(SWEEP_KEYS) + "; unset keys take the flags' values")
+            p.add_argument("--models-dir", default="models", help="runs go to MODELS_DIR/sweep_<SR>/<name>/")
 
     for mode, text in (("distil", "distil the LoRA-tuned GPT-2 (teacher) into a small RNN (student)"),
                        ("rnn", "train the same RNN from scratch on the labels alone, for comparison")):
@@ -368,8 +378,8 @@ def cmd_lora(args):
     run_settings = {**settings, **{k: v for k, v in extras.items() if k != "command"}, "eval_split": args.eval_split,
                     "train_layernorm": not args.no_train_layernorm}
     with RunLock(out_dir, "--out-dir", args.command):
-        train_run(args, f"LoRA_{args.SR}", model, train, dev, majority, out_dir, save_best, run_settings, title,
-                  device, amp)
+        train_run(args, getattr(args, "run_name", f"LoRA_{args.SR}"), model, train, dev, majority, out_dir, save_best,
+                  run_settings, title, device, amp)
         if args.export_peft:
             import shutil
             export = Path(args.export_peft)
@@ -377,6 +387,110 @@ def cmd_lora(args):
                 for name in ("adapter_config.json", "adapter_model.safetensors"):
                     atomic_write(export / name, lambda tmp: shutil.copyfile(out_dir / name, tmp))
             print(f"peft adapter written to {args.export_peft} (load with peft.PeftModel.from_pretrained)")
+
+
+# --------------------------------------------------------------------------- sweep
+
+# A sweep configuration's keys, and the LoRA flag each one sets.
+SWEEP_KEYS = {"name": None, "peft": "peft", "r": "lora_rank", "alpha": "lora_alpha", "dropout": "lora_dropout",
+              "rslora": "rslora", "target_modules": "target_modules", "feedforward_modules": "feedforward_modules",
+              "lr": "lr", "epochs": "epochs", "batch_size": "batch_size", "weight_decay": "weight_decay"}
+
+
+def read_sweep(path, args):
+    """[(name, {flag: value})] from a JSON or YAML list of configurations, every value checked as its flag
+    would be, before anything trains."""
+    from utils import UserError
+    try:
+        text = Path(path).read_text()
+        if Path(path).suffix.lower() in (".yaml", ".yml"):
+            import yaml
+            configs = yaml.safe_load(text)
+        else:
+            configs = json.loads(text)
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"--configs {path}: cannot read it ({e}).")
+    except Exception as e:  # JSON or YAML syntax
+        raise UserError(f"--configs {path}: not valid {'YAML' if str(path).endswith(('yaml', 'yml')) else 'JSON'} "
+                        f"({str(e).splitlines()[0]}).")
+    if not isinstance(configs, list) or not configs or not all(isinstance(c, dict) for c in configs):
+        raise UserError(f"--configs {path}: expected a non-empty list of configurations (dicts such as "
+                        f'{{"peft": "lora", "r": 8, "alpha": 16, "target_modules": ["q_lin", "v_lin"]}}).')
+    checks = {"peft": lambda v: v if v in ("lora", "ia3") else None, "r": positive(int), "alpha": float,
+              "dropout": fraction, "rslora": lambda v: v if isinstance(v, bool) else None, "lr": positive(float),
+              "epochs": positive(int), "batch_size": positive(int), "weight_decay": non_negative,
+              "target_modules": lambda v: v if isinstance(v, list) and v and all(isinstance(x, str) for x in v) else None,
+              "feedforward_modules": lambda v: v if isinstance(v, list) and all(isinstance(x, str) for x in v) else None}
+    out, names = [], set()
+    for i, config in enumerate(configs, 1):
+        unknown = sorted(set(config) - set(SWEEP_KEYS))
+        if unknown:
+            raise UserError(f"--configs {path}, configuration {i}: unknown keys {unknown}; the keys are "
+                            f"{', '.join(SWEEP_KEYS)}.")
+        flags = {}
+        for key, value in config.items():
+            if key == "name":
+                continue
+            try:
+                checked = checks[key](value if key in ("peft", "rslora", "target_modules", "feedforward_modules")
+                                      else str(value))
+            except (argparse.ArgumentTypeError, ValueError):
+                checked = None
+            if checked is None:
+                raise UserError(f"--configs {path}, configuration {i}: {key} = {value!r} is not valid (see "
+                                f"`python run.py LoRA --help` for the flag {SWEEP_KEYS[key].replace('_', '-')}).")
+            flags[SWEEP_KEYS[key]] = checked
+        peft = flags.get("peft", args.peft)
+        name = str(config.get("name") or f"{i}_{peft}" + (f"_r{flags.get('lora_rank', args.lora_rank)}"
+                                                          if peft == "lora" else ""))
+        if not name.replace("_", "").replace("-", "").replace(".", "").isalnum() or name in names:
+            raise UserError(f"--configs {path}, configuration {i}: name {name!r} is "
+                            f"{'used twice' if name in names else 'not a plain directory name'}; use letters, "
+                            f"digits, '-', '_' and '.'.")
+        names.add(name)
+        out.append((name, flags))
+    return out
+
+
+def cmd_sweep(args):
+    """Each configuration is a `run.py LoRA` run into MODELS_DIR/sweep_<SR>/<name>/; a finished one is
+    not rerun (an interrupted one resumes), and the table and plot compare them all."""
+    from train_utils import write_sweep
+    from utils import UserError
+    configs = read_sweep(args.configs, args)
+    sweep_dir = Path(args.models_dir) / f"sweep_{args.SR}"
+    check_writable([("--models-dir", sweep_dir), ("--plots-dir", args.plots_dir)])
+    rows = []
+    for i, (name, flags) in enumerate(configs, 1):
+        run_args = argparse.Namespace(**{**vars(args), **flags})
+        run_args.out_dir, run_args.export_peft = sweep_dir / name, None
+        run_args.run_name = f"sweep_{args.SR}_{name}"
+        done = read_run(run_args.out_dir)
+        if done and len(done[1]) >= run_args.epochs and (run_args.out_dir / "adapter_model.safetensors").is_file():
+            print(f"sweep: configuration {i}/{len(configs)} {name}: finished earlier ({run_args.out_dir}), not rerun")
+        else:
+            run_args.resume = (run_args.out_dir / "last.pt").is_file()
+            print(f"sweep: configuration {i}/{len(configs)} {name}: " + ", ".join(f"{k}={v}" for k, v in flags.items()),
+                  flush=True)
+            cmd_lora(run_args)
+            done = read_run(run_args.out_dir)
+        if done is None:
+            raise UserError(f"sweep: configuration {name} left no metrics in {run_args.out_dir}.")
+        config, history = done
+        settings = json.loads((run_args.out_dir / "adapter_config.json").read_text())
+        best = max(history, key=lambda r: r["dev_mcc"])
+        adapter = run_args.out_dir / "adapter_model.safetensors"
+        lora = settings["peft_type"] == "LORA"
+        rows.append({"name": name, "method": settings["peft_type"], "targets": " ".join(settings["target_modules"]),
+                     "r": settings["r"] if lora else "", "alpha": settings["lora_alpha"] if lora else "",
+                     "dropout": settings["lora_dropout"] if lora else "", "trainable": config["trainable_parameters"],
+                     "total": config["parameters"], "acc": best["dev_acc"], "mcc": best["dev_mcc"],
+                     "best_epoch": best["epoch"],
+                     "epoch_seconds": sum(r["train_seconds"] for r in history) / len(history),
+                     "adapter_kb": adapter.stat().st_size / 1024, "history": history})
+    title = f"sweep SR={args.SR}: {Path(str(args.model)).name}, {Path(args.train_file).name if args.train_file else args.dataset}"
+    md, csv_path, png = write_sweep(Path(args.plots_dir) / f"sweep_{args.SR}", rows, title)
+    print(f"sweep: {md}, {csv_path} and {png}")
 
 
 # --------------------------------------------------------------------------- distil and rnn
@@ -734,7 +848,8 @@ def main(argv=None):
     threads, why = set_threads(args.threads)
     if args.mode not in ("gen", "predict"):  # their stdout is their output
         print(f"CPU threads: {threads} ({why})")
-    commands = {"gen": cmd_gen, "LoRA": cmd_lora, "distil": cmd_student, "rnn": cmd_student, "predict": cmd_predict}
+    commands = {"gen": cmd_gen, "LoRA": cmd_lora, "sweep": cmd_sweep, "distil": cmd_student, "rnn": cmd_student,
+                "predict": cmd_predict}
     try:
         commands[args.mode](args)
     except UserError as e:

@@ -355,3 +355,42 @@ def write_comparison(prefix, rows, baseline_acc, title):
     atomic_write(f"{prefix}.png", lambda tmp: fig.savefig(tmp, dpi=110))
     plt.close(fig)
     return Path(f"{prefix}.md"), Path(f"{prefix}.png")
+
+
+def write_sweep(prefix, rows, title):
+    """prefix.md and prefix.csv (one row per configuration: method, targets, r, alpha, dropout, trainable
+    parameters and share, best dev accuracy and MCC, mean epoch time, adapter size on disk) and prefix.png
+    (every configuration's dev accuracy per epoch)."""
+    import csv
+    import io
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    columns = ["name", "method", "targets", "r", "alpha", "dropout", "trainable", "trainable %", "dev accuracy",
+               "dev MCC", "best epoch", "epoch time (s)", "adapter (KB)"]
+    table = [[r["name"], r["method"], r["targets"], r["r"], r["alpha"], r["dropout"], r["trainable"],
+              f"{100 * r['trainable'] / r['total']:.3f}", f"{r['acc']:.4f}", f"{r['mcc']:.4f}", r["best_epoch"],
+              f"{r['epoch_seconds']:.1f}", f"{r['adapter_kb']:.1f}"] for r in rows]
+    lines = [f"# {title}", "", "Best epoch (by dev MCC) of each configuration.", "",
+             "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(f"{v:,}" if isinstance(v, int) else str(v) for v in row) + " |" for row in table]
+    atomic_write(f"{prefix}.md", lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
+    buffer = io.StringIO()
+    csv.writer(buffer).writerows([columns, *table])
+    atomic_write(f"{prefix}.csv", lambda tmp: Path(tmp).write_text(buffer.getvalue()))
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for r in rows:
+        ax.plot([h["epoch"] for h in r["history"]], [h["dev_acc"] for h in r["history"]], marker="o", label=r["name"])
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("dev accuracy")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write(f"{prefix}.png", lambda tmp: fig.savefig(tmp, dpi=110))
+    plt.close(fig)
+    return Path(f"{prefix}.md"), Path(f"{prefix}.csv"), Path(f"{prefix}.png")
