@@ -306,3 +306,40 @@ def test_adapter_that_is_not_an_adapter(tiny_dir, tmp_path):
               bert / "adapter_model.safetensors")
     msg = user_error(run("predict", 7, "--model", tiny_dir, "--adapter", bert, "--input", tmp_path / "in.txt"))
     assert "another architecture" in msg and "['query', 'value']" in msg
+
+
+# --------------------------------------------------------------------------- run.py sweep
+
+@needs_tokenizer
+def test_sweep_writes_its_table_and_does_not_rerun_finished_configs(tiny_dir, tmp_path):
+    data = tmp_path / "data.tsv"
+    data.write_text("".join(f"{'a fine film' if i % 2 else 'a dull film'} number {i}\t{i % 2}\n" for i in range(40)))
+    configs = tmp_path / "configs.yaml"
+    configs.write_text("- {name: small, r: 2, alpha: 4, dropout: 0.0, target_modules: [attn.c_attn]}\n"
+                       "- {peft: ia3, target_modules: [attn.c_attn, mlp.c_proj], feedforward_modules: [mlp.c_proj]}\n")
+    args = ["sweep", 5, "--model", tiny_dir, "--train-file", data, "--epochs", 2, "--configs", configs,
+            "--models-dir", tmp_path / "models", "--plots-dir", tmp_path / "plots"]
+    proc = ok(run(*args))
+    assert "sweep: configuration 1/2 small: lora_rank=2, lora_alpha=4.0, lora_dropout=0.0" in proc.stdout
+    table = (tmp_path / "plots" / "sweep_5.md").read_text().splitlines()
+    assert table[-2].startswith("| small | LORA | attn.c_attn | 2 | 4.0 | 0.0 | 1,792 | ")
+    assert table[-1].startswith("| 2_ia3 | IA3 | attn.c_attn mlp.c_proj |  |  |  | ")
+    rows = (tmp_path / "plots" / "sweep_5.csv").read_text().splitlines()
+    assert rows[0].startswith("name,method,targets,r,alpha,dropout,trainable,") and len(rows) == 3
+    assert (tmp_path / "plots" / "sweep_5.png").stat().st_size > 0
+    assert len(metrics(tmp_path / "models" / "sweep_5" / "small")) == 2
+    again = ok(run(*args))
+    assert again.stdout.count("finished earlier") == 2 and "epoch 1/2" not in again.stdout
+    assert (tmp_path / "plots" / "sweep_5.csv").read_text().splitlines() == rows
+
+
+def test_sweep_configs_are_checked_before_anything_trains(tiny_dir, tmp_path):
+    bad = tmp_path / "bad.json"
+    for text, expected in [('[{"r": 0}]', "configuration 1: r = 0 is not valid"),
+                           ('[{"peft": "lora"}, {"rank": 4}]', "configuration 2: unknown keys ['rank']"),
+                           ('{"r": 4}', "expected a non-empty list"), ("[{", "not valid JSON"),
+                           ('[{"name": "a/b"}]', "not a plain directory name")]:
+        bad.write_text(text)
+        msg = user_error(run("sweep", 5, "--model", tiny_dir, "--configs", bad, "--models-dir", tmp_path / "m"))
+        assert expected in msg, msg
+    assert not (tmp_path / "m").exists()
