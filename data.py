@@ -347,8 +347,10 @@ class Examples:
         self.extras = extras
 
     @classmethod
-    def encode(cls, tokenizer, sentences, labels, max_length, name="data"):
-        ids = tokenizer(sentences, add_special_tokens=False)["input_ids"]
+    def encode(cls, tokenizer, sentences, labels, max_length, name="data", add_special_tokens=False):
+        """add_special_tokens: the tokenizer's [CLS] ... [SEP], for encoders whose head reads [CLS]
+        (a longer sentence then keeps its closing token)."""
+        ids = tokenizer(sentences, add_special_tokens=add_special_tokens)["input_ids"]
         cut = sum(len(x) > max_length for x in ids)
         if cut:
             print(f"{name}: {cut} of {len(ids)} sentences longer than --max-length {max_length} tokens "
@@ -356,7 +358,10 @@ class Examples:
         empty = [i for i, x in enumerate(ids) if not x]
         if empty:
             raise UserError(f"{name}: sentence {empty[0] + 1} encodes to no tokens; remove it.")
-        return cls([x[:max_length] for x in ids], labels, tokenizer.pad_token_id)
+        keep_last = add_special_tokens and max_length > 1
+        ids = [x if len(x) <= max_length else x[:max_length - 1] + x[-1:] if keep_last else x[:max_length]
+               for x in ids]
+        return cls(ids, labels, tokenizer.pad_token_id)
 
     def __len__(self):
         return len(self.ids)

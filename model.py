@@ -450,9 +450,15 @@ def remove_adapters(model):
             setattr(model.get_submodule(parent_name), child, m.base)
 
 
+def is_norm(module):
+    """A layer norm, ours or a transformers model's: nn.LayerNorm and nn.RMSNorm, or a class of its own whose
+    name says so (LlamaRMSNorm, T5LayerNorm, ... subclass nothing but nn.Module)."""
+    return isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or type(module).__name__.endswith(("LayerNorm", "RMSNorm"))
+
+
 def mark_trainable(model, train_layernorm=True, head_names=("score",)):
-    """Freeze everything, then unfreeze the adapters, the layer norms (optional) and the heads.
-    Returns the names of the trainable parameters."""
+    """Freeze everything, then unfreeze the adapters, the layer norms (optional) and the heads (modules whose
+    own name, the last part of the qualified one, is in head_names). Returns the names of the trainable parameters."""
     for p in model.parameters():
         p.requires_grad_(False)
     for m in adapter_modules(model):
@@ -460,7 +466,7 @@ def mark_trainable(model, train_layernorm=True, head_names=("score",)):
             if not n.startswith("base."):
                 p.requires_grad_(True)
     for name, m in model.named_modules():
-        if (train_layernorm and isinstance(m, nn.LayerNorm)) or name.split(".")[-1] in head_names:
+        if (train_layernorm and is_norm(m)) or name.split(".")[-1] in head_names:
             for p in m.parameters():
                 p.requires_grad_(True)
     return [n for n, p in model.named_parameters() if p.requires_grad]

