@@ -8,10 +8,13 @@ side by side with ratios and the targets, in one run. CPU, float32, no hub neede
     python bench.py distil  distillation on CoLA, ours only: a distil epoch with the teacher-logit cache vs
                             an rnn epoch, vs a distil epoch that runs the teacher every batch, and the
                             student's inference speed vs the teacher's (GPT-2 with a merged LoRA adapter)
+    python bench.py backbone LoRA training on a transformers backbone (a random-weight BERT of all-MiniLM-L6-v2's
+                            shape: 6 layers, 384 wide): sentences/s of our injection vs peft's on the same
+                            model and the same CoLA batches, in turns, in one process
     python bench.py threads two `run.py LoRA` processes side by side on one machine (a small random-weight
                             GPT-2): each with torch's default threads (every core: they fight) vs each with
                             --threads cores/2, against one run alone; wall seconds of each
-    python bench.py all     gen, lora and distil
+    python bench.py all     gen, lora, distil and backbone
 
 Both sides run on one random-weight checkpoint of the real gpt2 shape (12 layers, 768 wide, 50257
 tokens, 1024 positions), written by transformers' own save_pretrained under --workdir (reused if there).
@@ -416,6 +419,62 @@ def bench_distil(args, ckpt):
           f"{teacher_sps:.1f} sent/s)", flush=True)
 
 
+# --------------------------------------------------------------------------- a transformers backbone
+
+def bench_backbone(args):
+    import torch.nn.functional as F
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification, BertConfig, BertModel
+    from backbones import load_hf_classifier
+    from model import inject_adapters, mark_trainable
+    path = Path(args.workdir) / "minilm-shape-random"
+    if not (path / "model.safetensors").is_file():
+        torch.manual_seed(0)
+        BertModel(BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                             intermediate_size=1536)).save_pretrained(path)
+        from transformers import BertTokenizerFast  # a stand-in vocabulary: the batches are GPT-2's ids, mod 30522
+        BertTokenizerFast(vocab={f"[{t}]": i for i, t in enumerate(["PAD", "UNK", "CLS", "SEP", "MASK"])}
+                          ).save_pretrained(path)
+    batches = [{**b, "input_ids": b["input_ids"] % 30522} for b in cola_batches(args)]
+    targets = ["query", "value"]  # the bert default of both
+    torch.manual_seed(0)
+    ours, _, _ = load_hf_classifier(path, 2, tokenizer=args.tokenizer)
+    inject_adapters(ours, "lora", targets, r=8, alpha=8.0, dropout=0.1)
+    mark_trainable(ours, train_layernorm=False, head_names=["classifier"])
+    torch.manual_seed(0)
+    theirs = get_peft_model(AutoModelForSequenceClassification.from_pretrained(path, num_labels=2),
+                            LoraConfig(r=8, lora_alpha=8, lora_dropout=0.1, target_modules=targets,
+                                       task_type="SEQ_CLS"))
+    sides = {"ours": (ours, lambda b: ours(b["input_ids"], b["attention_mask"])),
+             "peft": (theirs, lambda b: theirs(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits)}
+    counts = {k: sum(p.numel() for p in m.parameters() if p.requires_grad) for k, (m, _) in sides.items()}
+    assert counts["ours"] == counts["peft"], counts
+    seconds = {k: 0.0 for k in sides}
+    for name, (model, logits) in sides.items():
+        params = [p for p in model.parameters() if p.requires_grad]
+        model.train()
+        model.opt = torch.optim.AdamW(params, lr=1e-3)
+
+    def step(name, batch):
+        model, logits = sides[name]
+        loss = F.cross_entropy(logits(batch), batch["labels"])
+        model.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        model.opt.step()
+
+    for batch in batches[:args.warmup]:
+        for name in sides:
+            step(name, batch)
+    for batch in batches[args.warmup:]:  # in turns, batch by batch: a slow spell hits both
+        for name in sides:
+            seconds[name] += timed(lambda: step(name, batch))
+    n = sum(len(b["labels"]) for b in batches[args.warmup:])
+    ours_sps, peft_sps = n / seconds["ours"], n / seconds["peft"]
+    print(f"backbone: LoRA r=8 on query, value of a MiniLM-shaped BERT (22.7M), {counts['ours']:,} trainable "
+          f"parameters on both sides, {n} CoLA sentences in batches of {args.batch_size}: ours {ours_sps:.1f} "
+          f"sent/s, peft {peft_sps:.1f} sent/s: {ours_sps / peft_sps:.2f}x (target >= 1.0)", flush=True)
+
+
 # --------------------------------------------------------------------------- threads
 
 def bench_threads(args):
@@ -464,7 +523,8 @@ def bench_threads(args):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("what", choices=["gen", "lora", "distil", "threads", "all", "_lora_worker"],
+    p.add_argument("what", choices=["gen", "lora", "distil", "backbone", "threads", "all",
+                                         "_lora_worker"],
                    help="what to benchmark")
     p.add_argument("side", nargs="?", choices=["ours", "peft"], help=argparse.SUPPRESS)
     p.add_argument("--workdir", help="where the random-weight checkpoint is written, and reused next time; "
@@ -498,6 +558,8 @@ def main():
     quiet_transformers()
     if args.what == "threads":
         return bench_threads(args)
+    if args.what == "backbone":
+        return bench_backbone(args)
     ckpt = checkpoint(args.workdir)
     if args.what == "_lora_worker":
         return lora_worker(args.side, args, ckpt)
@@ -512,6 +574,8 @@ def main():
         bench_lora(args, ckpt)
     if args.what in ("distil", "all"):
         bench_distil(args, ckpt)
+    if args.what == "all":
+        bench_backbone(args)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,15 @@ def save_hf_gpt2(path, seed=0, with_tokenizer=True, **shape):
     return path
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from a second thread, and the CPU is shared: one torch thread for the test."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 TINY = dict(n_layer=2, n_head=4, n_embd=64, n_positions=256)  # full GPT-2 vocabulary, so the real tokenizer fits
 
 

@@ -25,13 +25,7 @@ VOCAB = 64
 SPECIAL = 5  # ids 0-4: the tokenizers' special tokens, never drawn as words
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread (and the CPU is shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models, and a shared CPU
 
 
 # --------------------------------------------------------------------------- tiny checkpoints and tokenizers

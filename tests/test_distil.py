@@ -17,12 +17,7 @@ from utils import cache_key, cache_path, read_cached_logits, write_cached_logits
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models, and a shared CPU
 
 
 # --------------------------------------------------------------------------- the loss
