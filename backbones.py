@@ -149,8 +149,12 @@ class HFClassifier(nn.Module):
 
     @property
     def block_size(self):
-        """The longest sequence the model takes (GPT's config.block_size)."""
-        return getattr(self.config, "max_position_embeddings", None) or getattr(self.config, "n_positions", None)
+        """The longest sequence the model takes (GPT's config.block_size); a large number when the config
+        does not say (relative positions). RoBERTa-style models keep pad_token_id + 1 positions back."""
+        n = getattr(self.config, "max_position_embeddings", None) or getattr(self.config, "n_positions", None)
+        if n and self.config.model_type in ("roberta", "xlm-roberta", "camembert"):
+            n -= (self.config.pad_token_id or 0) + 1
+        return n or 1_000_000
 
 
 def new_head_modules(model, new_weights):
@@ -257,17 +261,19 @@ def load_hf_classifier(name_or_dir, num_labels, gguf_file=None, tokenizer=None):
                 output_loading_info=True)
         except Exception as e:  # the boundary with files and the hub: missing, offline, damaged, unsupported
             raise _load_error(name_or_dir, source, gguf_file, e) from None
-        tok_source = source if tokenizer is None else str(tokenizer)
+        if tokenizer is not None and str(tokenizer) == str(name_or_dir):
+            tokenizer = None  # the model's own (a run records --tokenizer or --model: a short name, a .gguf path)
+        # A tokenizer given apart from the model may be a short name or a .gguf file too.
+        tok_source, tok_gguf = (source, gguf_file) if tokenizer is None else _source(tokenizer, None)
         try:
-            tok = AutoTokenizer.from_pretrained(tok_source, gguf_file=gguf_file if tokenizer is None else None)
+            tok = AutoTokenizer.from_pretrained(tok_source, gguf_file=tok_gguf)
         except Exception as e:
-            raise _load_error(name_or_dir, tok_source, gguf_file if tokenizer is None else None, e,
-                              what="tokenizer") from None
+            raise _load_error(name_or_dir, tok_source, tok_gguf, e, what="tokenizer") from None
     model_type = hf.config.model_type
     if model_type == "gpt2":  # reached only through a GGUF or an uncached hub name
         raise UserError(f"--model {name_or_dir} is a GPT-2: pass it as a directory in Hugging Face format or a "
                         f"GPT-2 name ({', '.join(PRETRAINED)}), for the hand-written GPT.")
-    where = f"{tok_source}/{gguf_file}" if gguf_file and tokenizer is None else tok_source
+    where = f"{tok_source}/{tok_gguf}" if tok_gguf else tok_source
     if not set(tok.get_vocab()) - set(tok.all_special_tokens):
         # transformers makes a tokenizer of special tokens alone when it finds no vocabulary: every word
         # would become [UNK].

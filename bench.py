@@ -425,20 +425,18 @@ def bench_backbone(args):
     import torch.nn.functional as F
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification, BertConfig, BertModel
-    from backbones import load_hf_classifier
+    from backbones import HFClassifier
     from model import inject_adapters, mark_trainable
     path = Path(args.workdir) / "minilm-shape-random"
     if not (path / "model.safetensors").is_file():
         torch.manual_seed(0)
         BertModel(BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
                              intermediate_size=1536)).save_pretrained(path)
-        from transformers import BertTokenizerFast  # a stand-in vocabulary: the batches are GPT-2's ids, mod 30522
-        BertTokenizerFast(vocab={f"[{t}]": i for i, t in enumerate(["PAD", "UNK", "CLS", "SEP", "MASK"])}
-                          ).save_pretrained(path)
+    # The batches: CoLA as GPT-2's tokenizer encodes it, ids taken mod BERT's 30522 (random weights: any ids do).
     batches = [{**b, "input_ids": b["input_ids"] % 30522} for b in cola_batches(args)]
     targets = ["query", "value"]  # the bert default of both
     torch.manual_seed(0)
-    ours, _, _ = load_hf_classifier(path, 2, tokenizer=args.tokenizer)
+    ours = HFClassifier(AutoModelForSequenceClassification.from_pretrained(path, num_labels=2))
     inject_adapters(ours, "lora", targets, r=8, alpha=8.0, dropout=0.1)
     mark_trainable(ours, train_layernorm=False, head_names=["classifier"])
     torch.manual_seed(0)

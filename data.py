@@ -146,9 +146,11 @@ def find_cola(data_dir=None):
           flush=True)
     try:
         raw = fetch_cola(dest)
-    except OSError as e:  # URLError, timeouts and refused connections are OSErrors
-        return None, (f"looked in {looked}; the official release could not be downloaded from {COLA_URL} "
-                      f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})")
+    except UserError:
+        raise
+    except Exception as e:  # URLError, timeouts, refused connections, a broken transfer or zip, an unwritable dest
+        return None, (f"looked in {looked}; the official release could not be downloaded from {COLA_URL} and "
+                      f"unpacked into {dest}/raw ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})")
     print(f"CoLA: downloaded, checked (SHA-256 of the in-domain files, row counts) and unpacked into {raw}")
     return raw, f"downloaded: {raw}"
 
@@ -235,6 +237,12 @@ def read_table(path, text_column="text", label_column="label", skip_bad_rows=Fal
             t, l, width, body = header.index(text_column), header.index(label_column), len(header), parsed[1:]
         else:  # no header: text, label
             t, l, width, body = 0, 1, 2, parsed
+            others = {r[1].strip() for r in parsed[1:] if len(r) == 2}
+            numeric = lambda v: v.lstrip("-").isdigit()
+            if len(header) == 2 and others and all(map(numeric, others)) and not numeric(header[1].strip()):
+                raise UserError(f"{path}, line 1: {header!r} looks like a header, but it names neither --text-column "
+                                f"{text_column} nor --label-column {label_column}: pass the names of the text and "
+                                f"label columns (e.g. --text-column {header[0]} --label-column {header[1]}).")
         for lineno, r in enumerate(body, len(parsed) - len(body) + 1):
             if any(x.strip() for x in r):
                 rows.append((lineno, r[t], r[l], None) if len(r) == width else
@@ -283,7 +291,12 @@ def load_files(train_file, eval_file=None, text_column="text", label_column="lab
     train_t, train_raw, skipped = read_table(train_file, text_column, label_column, skip_bad_rows)
     if skipped:
         print(f"skipped {skipped} bad rows in {train_file}")
+    given = names is not None
     names = names or label_names(train_raw)
+    unknown = sorted(set(train_raw) - set(names)) if given else []
+    if unknown:
+        raise UserError(f"{train_file}: labels {unknown[:5]} are not among the expected {names}; fix the file's "
+                        f"labels (or pass it as --train-file, where any labels go).")
     if eval_file:
         dev_t, dev_raw, skipped = read_table(eval_file, text_column, label_column, skip_bad_rows)
         if skipped:

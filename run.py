@@ -146,7 +146,8 @@ def build_parser():
     fmt = dict(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
     p = sub.add_parser("gen", help="generate text with the hand-written GPT-2", **fmt)
-    add_common(p, MODEL_HELP + "; default: the adapter's base model, else gpt2")
+    add_common(p, "gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2, a hub id or a local directory of a GPT-2 "
+               "in Hugging Face format; default: the adapter's base model, else gpt2")
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
     p.add_argument("--max-new-tokens", type=positive(int), default=100)
     p.add_argument("--temperature", type=non_negative, default=0.8, help="0 = greedy decoding")
@@ -169,10 +170,11 @@ def build_parser():
         p.add_argument("--lora-alpha", type=float, help="default: equal to the rank (scaling 1)")
         p.add_argument("--lora-dropout", type=fraction, default=0.1)
         p.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) instead of alpha/r")
-        p.add_argument("--target-modules", nargs="+", help="linear layers to adapt, by name suffix (default: LoRA: "
-                       "attn.c_attn attn.c_proj mlp.c_fc mlp.c_proj; IA3: attn.c_attn mlp.c_proj)")
-        p.add_argument("--feedforward-modules", nargs="+", help="IA3 only: targets whose input, not output, is "
-                       "scaled (default: mlp.c_proj)")
+        p.add_argument("--target-modules", nargs="+", help="linear layers to adapt, by name suffix (default: the "
+                       "model family's, printed in the log; GPT-2: LoRA attn.c_attn attn.c_proj mlp.c_fc mlp.c_proj, "
+                       "IA3 attn.c_attn mlp.c_proj)")
+        p.add_argument("--feedforward-modules", nargs="*", help="IA3 only: targets whose input, not output, is "
+                       "scaled (default: the family's among the targets; GPT-2: mlp.c_proj)")
         p.add_argument("--no-train-layernorm", action="store_true", help="freeze the layer norms too")
         add_training(p, epochs=5, lr=1e-3, batch_size=32, weight_decay=0.01)
         if mode == "LoRA":
@@ -232,6 +234,10 @@ def task_data(args):
     accuracy of always answering the most common class: MCC 0). encode_task adds train and dev."""
     from types import SimpleNamespace
     from data import load_cola, load_files, load_imdb, subsample
+    if not args.train_file and (args.eval_file or args.text_column != "text" or args.label_column != "label"):
+        from utils import UserError
+        raise UserError("--eval-file, --text-column and --label-column go with --train-file (your own data); "
+                        "without it the data is --dataset's.")
     if args.train_file:
         data, name = load_files(args.train_file, args.eval_file, args.text_column, args.label_column,
                                 args.skip_bad_rows, seed=args.SR), Path(args.train_file).stem
@@ -303,6 +309,11 @@ def cmd_gen(args):
     if args.adapter:
         settings, tensors, extras = read_adapter(args.adapter)
     model_name = args.model or extras.get("model") or "gpt2"
+    from backbones import is_gpt2
+    if not is_gpt2(model_name):
+        raise UserError(f"gen runs the hand-written GPT-2 only (gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2, or "
+                        f"a GPT-2 directory); --model {model_name} is not one. The other backbones are for the "
+                        f"training modes.")
     model = load_gpt(model_name)
     tok = load_tokenizer(args.tokenizer or extras.get("tokenizer") or model_name)
     if args.adapter:
@@ -363,7 +374,9 @@ def cmd_lora(args):
     # The family's default layers, unless named (GPT-2: all four linears for LoRA).
     defaults = info["lora_targets"] if args.peft == "lora" else info["ia3_targets"]
     targets = args.target_modules or defaults
-    feedforward = args.feedforward_modules or (info["ia3_feedforward"] or [] if args.peft == "ia3" else [])
+    # IA3's feed-forward layers must be among its targets (peft refuses the adapter otherwise).
+    feedforward = args.feedforward_modules if args.feedforward_modules is not None else \
+        [f for f in info["ia3_feedforward"] or [] if f in targets] if args.peft == "ia3" else []
     if not targets:
         raise UserError(f"--model {args.model} is a {info['model_type']}, a family without default target layers: "
                         f"name the linear layers to adapt with --target-modules (by name suffix, e.g. q_proj v_proj).")
@@ -422,6 +435,10 @@ def cmd_lora(args):
 SWEEP_KEYS = {"name": None, "peft": "peft", "r": "lora_rank", "alpha": "lora_alpha", "dropout": "lora_dropout",
               "rslora": "rslora", "target_modules": "target_modules", "feedforward_modules": "feedforward_modules",
               "lr": "lr", "epochs": "epochs", "batch_size": "batch_size", "weight_decay": "weight_decay"}
+
+
+SWEEP_VOLATILE = {"command", "resume", "threads", "device", "plots_dir", "out_dir", "run_name", "models_dir",
+                  "configs", "export_peft"}
 
 
 def read_sweep(path, args):
@@ -483,7 +500,7 @@ def cmd_sweep(args):
     """Each configuration is a `run.py LoRA` run into MODELS_DIR/sweep_<SR>/<name>/; a finished one is
     not rerun (an interrupted one resumes), and the table and plot compare them all."""
     from train_utils import write_sweep
-    from utils import UserError
+    from utils import UserError, write_json
     configs = read_sweep(args.configs, args)
     sweep_dir = Path(args.models_dir) / f"sweep_{args.SR}"
     check_writable([("--models-dir", sweep_dir), ("--plots-dir", args.plots_dir)])
@@ -492,14 +509,24 @@ def cmd_sweep(args):
         run_args = argparse.Namespace(**{**vars(args), **flags})
         run_args.out_dir, run_args.export_peft = sweep_dir / name, None
         run_args.run_name = f"sweep_{args.SR}_{name}"
+        # What decides a configuration's numbers: every flag but where things go and how fast they run.
+        settings = {k: str(v) for k, v in vars(run_args).items() if k not in SWEEP_VOLATILE}
+        record = run_args.out_dir / "sweep_settings.json"
         done = read_run(run_args.out_dir)
-        if done and len(done[1]) >= run_args.epochs and (run_args.out_dir / "adapter_model.safetensors").is_file():
+        if done and len(done[1]) >= run_args.epochs and record.is_file():
+            before = json.loads(record.read_text())
+            differ = sorted(k for k in settings.keys() | before.keys() if settings.get(k) != before.get(k))
+            if differ:
+                raise UserError(f"sweep: configuration {name} in {run_args.out_dir} was run with other settings "
+                                f"(they differ in: {', '.join(differ)}); its numbers are not this sweep's. Use another "
+                                f"SR or --models-dir, or delete {run_args.out_dir} to run it again.")
             print(f"sweep: configuration {i}/{len(configs)} {name}: finished earlier ({run_args.out_dir}), not rerun")
         else:
             run_args.resume = (run_args.out_dir / "last.pt").is_file()
             print(f"sweep: configuration {i}/{len(configs)} {name}: " + ", ".join(f"{k}={v}" for k, v in flags.items()),
                   flush=True)
             cmd_lora(run_args)
+            write_json(record, settings)
             done = read_run(run_args.out_dir)
         if done is None:
             raise UserError(f"sweep: configuration {name} left no metrics in {run_args.out_dir}.")
@@ -544,6 +571,13 @@ class Teacher:
         except UserError as e:
             raise UserError(f"the teacher {self.dir} is unusable: {e} Make it again: {self.make}.")
         self.num_labels = len(extras["labels"]) if extras.get("labels") else self.tensors[head[-1]].shape[0]
+        self.task = extras.get("task")  # None for a peft adapter
+        config = next((f for f in weight_files(self.base, self.gguf) if f.name == "config.json"), None)
+        try:  # the longest input of the base model (a GGUF file keeps it inside: Llamas take thousands)
+            hf = json.loads(config.read_text()) if config else {}
+            self.block_size = hf.get("n_positions") or hf.get("max_position_embeddings") or 10**6
+        except (OSError, ValueError):
+            self.block_size = 10**6
         self.base = args.model or extras.get("model") or self.settings.get("base_model_name_or_path") or "gpt2"
         self.gguf = args.gguf_file or extras.get("gguf_file")
         self.tokenizer = args.tokenizer or extras.get("tokenizer") or self.base
@@ -597,6 +631,8 @@ def student_tokenizer(args):
     else the one the teacher (--teacher, or MODELS_DIR/LoRA_<SR>) was trained with, else --model's, else gpt2's."""
     if args.tokenizer:
         return args.tokenizer, None
+    if args.model:
+        return args.model, args.gguf_file
     config = Path(getattr(args, "teacher", None) or Path(args.models_dir) / f"LoRA_{args.SR}") / "run_config.json"
     try:
         extras = json.loads(config.read_text())
@@ -654,9 +690,13 @@ def cmd_student(args):
     # The teacher's encoding ([CLS] ... [SEP] for an encoder), for the student too: the same ids for both.
     encode_task(task, tok, args.max_length, add_special_tokens=getattr(tok, "cls_token", None) is not None)
     train_s, train, dev, majority = task.texts, task.train, task.dev, task.majority
-    if distil and teacher.num_labels != len(task.labels):
-        raise UserError(f"the teacher {teacher.dir} has {teacher.num_labels} classes, the data {len(task.labels)} "
-                        f"({', '.join(task.labels)}): it was trained for another task. {teacher.make}.")
+    if distil and (teacher.num_labels != len(task.labels) or teacher.task not in (None, task.name)):
+        raise UserError(f"the teacher {teacher.dir} was trained on {teacher.task or 'another task'} "
+                        f"({teacher.num_labels} classes), this run's data is {task.name} ({len(task.labels)} classes: "
+                        f"{', '.join(task.labels)}). {teacher.make}, with this run's data flags.")
+    if distil and args.max_length > teacher.block_size:
+        raise UserError(f"--max-length {args.max_length} is longer than the teacher's block size {teacher.block_size} "
+                        f"({teacher.base}); use at most that.")
 
     teacher_info = None
     if distil:

@@ -375,7 +375,8 @@ def attach_adapter(model, settings, tensors, head_names=("score",)):
                             f"{tuple(params[name].shape)}: the adapter belongs to another model size.")
         state[name] = t
     heads = [h for h in head_names if isinstance(getattr(model, h, None), torch.nn.Module)]  # top-level heads
-    if any(f"{h}.weight" not in state for h in heads):
+    # Every parameter of each head (RoBERTa's is classifier.dense and classifier.out_proj).
+    if any(f"{h}.{n}" not in state for h in heads for n, _ in getattr(model, h).named_parameters()):
         raise UserError(f"the adapter holds no classification head ({', '.join(h + '.weight' for h in heads)}): "
                         f"it was not trained for sequence classification.")
     lost = [n for n in names if n not in state and not set(n.split(".")[:-1]) & set(head_names)]  # heads: above

@@ -515,3 +515,12 @@ def test_every_mode_on_a_transformers_backbone(tiny, tmp_path, family):
     ok(run("rnn", 3, *student))
     assert (tmp_path / "plots" / "compare_3.md").is_file()
     assert "read from the cache" in ok(run("distil", 4, *student, "--teacher", out)).stdout
+
+
+def test_a_run_records_a_short_name_as_its_tokenizer_and_it_loads_again(tiny, monkeypatch):
+    """A run with --model minilm records tokenizer 'minilm'; predict and distil pass it back."""
+    monkeypatch.setitem(backbones.SHORT_NAMES, "tinybert", None)
+    monkeypatch.setattr(backbones, "packaged_model", lambda name: (tiny["bert"], None))
+    _, tok, info = load_hf_classifier("tinybert", 2, tokenizer="tinybert")
+    assert info["model_type"] == "bert" and tok.cls_token == "[CLS]"
+    assert backbones.load_any_tokenizer("tinybert").vocab_size == VOCAB

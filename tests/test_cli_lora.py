@@ -343,3 +343,18 @@ def test_sweep_configs_are_checked_before_anything_trains(tiny_dir, tmp_path):
         msg = user_error(run("sweep", 5, "--model", tiny_dir, "--configs", bad, "--models-dir", tmp_path / "m"))
         assert expected in msg, msg
     assert not (tmp_path / "m").exists()
+
+
+@needs_tokenizer
+def test_sweep_refuses_a_finished_config_run_with_other_settings(tiny_dir, tmp_path):
+    data = tmp_path / "data.tsv"
+    data.write_text("".join(f"{'a fine film' if i % 2 else 'a dull film'} number {i}\t{i % 2}\n" for i in range(40)))
+    configs = tmp_path / "configs.json"
+    configs.write_text('[{"name": "one", "peft": "ia3", "target_modules": ["attn.c_attn"]}]')
+    args = ["sweep", 5, "--model", tiny_dir, "--train-file", data, "--epochs", 1, "--configs", configs,
+            "--models-dir", tmp_path / "models", "--plots-dir", tmp_path / "plots"]
+    ok(run(*args))
+    config = json.loads((tmp_path / "models" / "sweep_5" / "one" / "adapter_config.json").read_text())
+    assert config["feedforward_modules"] == []  # the default mlp.c_proj is not a target here: peft would refuse it
+    msg = user_error(run(*args, "--lr", 0.01))
+    assert "configuration one in" in msg and "differ in: lr" in msg

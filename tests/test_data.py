@@ -106,3 +106,20 @@ def test_own_three_class_file_trains_and_predicts(tiny_dir, tmp_path):
     msg = user_error(run("LoRA", 4, "--model", tiny_dir, "--tokenizer", TOKENIZER_DIR, "--train-file", train,
                          "--epochs", 1, "--out-dir", tmp_path / "out2"))
     assert "line 1: no text (column 'text')" in msg and "--text-column" in msg
+
+
+def test_a_header_that_names_other_columns_is_not_a_row(tmp_path):
+    path = write(tmp_path / "sst.tsv", "sentence\tlabel\nA fine film.\t1\nDull.\t0\nGood.\t1\n")
+    with pytest.raises(UserError, match=r"line 1: .* looks like a header.*--text-column sentence --label-column label"):
+        data.read_table(path)
+    assert data.read_table(path, text_column="sentence")[0] == ["A fine film.", "Dull.", "Good."]
+
+
+def test_expected_labels_are_checked(tmp_path):
+    with pytest.raises(UserError, match=r"labels \['neg', 'pos'\] are not among the expected"):
+        data.load_imdb(write(tmp_path / "imdb.txt", "Good.\tpos\nBad.\tneg\n"))
+
+
+def test_eval_file_without_train_file_is_refused(tmp_path):
+    msg = user_error(run("LoRA", 1, "--eval-file", tmp_path / "x.tsv", "--out-dir", tmp_path / "o"))
+    assert "--eval-file, --text-column and --label-column go with --train-file" in msg
