@@ -572,15 +572,15 @@ class Teacher:
             raise UserError(f"the teacher {self.dir} is unusable: {e} Make it again: {self.make}.")
         self.num_labels = len(extras["labels"]) if extras.get("labels") else self.tensors[head[-1]].shape[0]
         self.task = extras.get("task")  # None for a peft adapter
+        self.base = args.model or extras.get("model") or self.settings.get("base_model_name_or_path") or "gpt2"
+        self.gguf = args.gguf_file or extras.get("gguf_file")
+        self.tokenizer = args.tokenizer or extras.get("tokenizer") or self.base
         config = next((f for f in weight_files(self.base, self.gguf) if f.name == "config.json"), None)
         try:  # the longest input of the base model (a GGUF file keeps it inside: Llamas take thousands)
             hf = json.loads(config.read_text()) if config else {}
             self.block_size = hf.get("n_positions") or hf.get("max_position_embeddings") or 10**6
         except (OSError, ValueError):
             self.block_size = 10**6
-        self.base = args.model or extras.get("model") or self.settings.get("base_model_name_or_path") or "gpt2"
-        self.gguf = args.gguf_file or extras.get("gguf_file")
-        self.tokenizer = args.tokenizer or extras.get("tokenizer") or self.base
         # What decides the logits besides the sentences: base weights, adapter, precision.
         self.id = sha256_files([*weight_files(self.base, self.gguf), self.dir / "adapter_config.json",
                                 self.dir / "adapter_model.safetensors"])
