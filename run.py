@@ -11,6 +11,7 @@ from pathlib import Path
 
 DEFAULT_PROMPT = "Once upon a time, in a small village by the sea,"
 COLA_LABELS = ["unacceptable", "acceptable"]
+ADAPTER_PARAMS = (".lora_A", ".lora_B", ".ia3_l")  # parameter names of our adapter layers
 
 
 def seed_arg(text):
@@ -139,21 +140,28 @@ def add_student(p, distil):
                        help="start the student's token embeddings from the teacher's (PCA to --emb-dim)")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown in --help, once: not again where the help text already says what the default is."""
+
+    def _get_help_string(self, action):
+        return action.help if "default" in (action.help or "") else super()._get_help_string(action)
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="run.py", description="Parameter-efficient fine-tuning and knowledge "
                                      "distillation of GPT-2.")
     sub = parser.add_subparsers(dest="mode", required=True, metavar="MODE")
-    fmt = dict(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    fmt = dict(formatter_class=HelpFormatter)
 
     p = sub.add_parser("gen", help="generate text with the hand-written GPT-2", **fmt)
     add_common(p, "gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2, a hub id or a local directory of a GPT-2 "
                "in Hugging Face format; default: the adapter's base model, else gpt2")
-    p.add_argument("--prompt", default=DEFAULT_PROMPT)
-    p.add_argument("--max-new-tokens", type=positive(int), default=100)
+    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="the text GPT-2 continues")
+    p.add_argument("--max-new-tokens", type=positive(int), default=100, help="tokens to generate")
     p.add_argument("--temperature", type=non_negative, default=0.8, help="0 = greedy decoding")
-    p.add_argument("--top-k", type=positive(int), default=50)
+    p.add_argument("--top-k", type=positive(int), default=50, help="sample among the k likeliest tokens")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling, e.g. 0.95 (default: off)")
-    p.add_argument("--num-samples", type=positive(int), default=1)
+    p.add_argument("--num-samples", type=positive(int), default=1, help="independent continuations")
     p.add_argument("--adapter", help="generate with this LoRA/IA3 adapter (ours or peft's) merged in; the base "
                    "model defaults to the one the adapter was trained on")
     p.set_defaults(model=None)
@@ -165,10 +173,10 @@ def build_parser():
         p = sub.add_parser(mode, help=text, **fmt)
         add_common(p)
         add_data(p)
-        p.add_argument("--peft", default="lora", choices=["lora", "ia3"])
-        p.add_argument("--lora-rank", type=positive(int), default=4)
+        p.add_argument("--peft", default="lora", choices=["lora", "ia3"], help="the adapter method")
+        p.add_argument("--lora-rank", type=positive(int), default=4, help="r, the rank of the update B @ A")
         p.add_argument("--lora-alpha", type=float, help="default: equal to the rank (scaling 1)")
-        p.add_argument("--lora-dropout", type=fraction, default=0.1)
+        p.add_argument("--lora-dropout", type=fraction, default=0.1, help="dropout on the adapter's input")
         p.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) instead of alpha/r")
         p.add_argument("--target-modules", nargs="+", help="linear layers to adapt, by name suffix (default: the "
                        "model family's, printed in the log; GPT-2: LoRA attn.c_attn attn.c_proj mlp.c_fc mlp.c_proj, "
@@ -197,6 +205,14 @@ def build_parser():
         add_student(p, distil=mode == "distil")
         add_training(p, epochs=10, lr=2e-3, batch_size=32, weight_decay=0.0)
 
+    p = sub.add_parser("report", help="gather every run of SR (LoRA, distil, rnn, sweep) into one page: "
+                       "reports/report_<SR>.md and a self-contained .html", **fmt)
+    p.add_argument("SR", type=seed_arg, help="the SR of the runs")
+    p.add_argument("--models-dir", default="models", help="where the runs are")
+    p.add_argument("--plots-dir", default="plots", help="where their plots are")
+    p.add_argument("--out-dir", default="reports", help="where the report goes")
+    p.set_defaults(threads=None)
+
     p = sub.add_parser("predict", help="classify sentences with trained adapters over one base model, or with "
                        "students", **fmt)
     add_common(p, MODEL_HELP + "; default: the adapters' base model")
@@ -206,7 +222,7 @@ def build_parser():
                    "student.safetensors); repeat with NAME=PATH for several over one base model")
     p.add_argument("--input", help="file with one sentence per line (default: standard input). A line "
                    "'NAME<TAB>sentence' goes to adapter NAME only; other lines go to every adapter")
-    p.add_argument("--batch-size", type=positive(int), default=64)
+    p.add_argument("--batch-size", type=positive(int), default=64, help="sentences per forward pass")
     return parser
 
 
@@ -349,8 +365,8 @@ def cmd_gen(args):
 def cmd_lora(args):
     from backbones import load_classifier
     from model import inject_adapters, mark_trainable
-    from utils import RunLock, UserError, adapter_settings, atomic_write, autocast_dtype, pick_device, save_adapter, \
-        seed_everything
+    from utils import RunLock, UserError, adapter_settings, atomic_write, autocast_dtype, environment, pick_device, \
+        save_adapter, seed_everything
 
     if args.peft == "ia3" and (args.rslora or args.lora_alpha is not None):
         raise UserError("--lora-alpha and --rslora apply to --peft lora only; IA3 has no rank or scaling.")
@@ -359,6 +375,7 @@ def cmd_lora(args):
     amp = autocast_dtype(args.precision, device)
     out_dir = Path(args.out_dir or f"models/LoRA_{args.SR}")
     alpha = args.lora_alpha if args.lora_alpha is not None else float(args.lora_rank)
+    run_name = getattr(args, "run_name", f"LoRA_{args.SR}")  # also the plots' name
     print_config(args)
     check_writable([("--out-dir", out_dir), ("--plots-dir", args.plots_dir), ("--export-peft", args.export_peft)])
     task = task_data(args)
@@ -404,7 +421,8 @@ def cmd_lora(args):
     extras = {"model": str(args.model), "gguf_file": args.gguf_file, "model_type": info["model_type"],
               "tokenizer": str(args.tokenizer or args.model), "labels": task.labels, "task": task.name,
               "seed": args.SR, "max_length": args.max_length, "parameters": total, "trainable_parameters": trainable,
-              "majority_acc": majority, "command": args.command}
+              "majority_acc": majority, "command": args.command, "environment": environment(device, amp),
+              "plots": str(Path(args.plots_dir) / run_name)}
     name = Path(str(args.model)).name
     title = (f"LoRA SR={args.SR}: {name}, {args.peft} r={args.lora_rank} alpha={alpha:g}, lr={args.lr:g}, "
              f"batch={args.batch_size}" if args.peft == "lora" else
@@ -418,7 +436,7 @@ def cmd_lora(args):
     run_settings = {**settings, **{k: v for k, v in extras.items() if k != "command"}, "eval_split": args.eval_split,
                     "train_layernorm": not args.no_train_layernorm}
     with RunLock(out_dir, "--out-dir", args.command):
-        train_run(args, getattr(args, "run_name", f"LoRA_{args.SR}"), model, train, dev, majority, out_dir, save_best,
+        train_run(args, run_name, model, train, dev, majority, out_dir, save_best,
                   run_settings, title, device, amp)
         if args.export_peft:
             import shutil
@@ -499,6 +517,7 @@ def read_sweep(path, args):
 def cmd_sweep(args):
     """Each configuration is a `run.py LoRA` run into MODELS_DIR/sweep_<SR>/<name>/; a finished one is
     not rerun (an interrupted one resumes), and the table and plot compare them all."""
+    from report import read_run, sweep_row
     from train_utils import write_sweep
     from utils import UserError, write_json
     configs = read_sweep(args.configs, args)
@@ -527,21 +546,10 @@ def cmd_sweep(args):
                   flush=True)
             cmd_lora(run_args)
             write_json(record, settings)
-            done = read_run(run_args.out_dir)
-        if done is None:
+        row = sweep_row(name, run_args.out_dir)
+        if row is None:
             raise UserError(f"sweep: configuration {name} left no metrics in {run_args.out_dir}.")
-        config, history = done
-        settings = json.loads((run_args.out_dir / "adapter_config.json").read_text())
-        best = max(history, key=lambda r: r["dev_mcc"])
-        adapter = run_args.out_dir / "adapter_model.safetensors"
-        lora = settings["peft_type"] == "LORA"
-        rows.append({"name": name, "method": settings["peft_type"], "targets": " ".join(settings["target_modules"]),
-                     "r": settings["r"] if lora else "", "alpha": settings["lora_alpha"] if lora else "",
-                     "dropout": settings["lora_dropout"] if lora else "", "trainable": config["trainable_parameters"],
-                     "total": config["parameters"], "acc": best["dev_acc"], "mcc": best["dev_mcc"],
-                     "best_epoch": best["epoch"],
-                     "epoch_seconds": sum(r["train_seconds"] for r in history) / len(history),
-                     "adapter_kb": adapter.stat().st_size / 1024, "history": history})
+        rows.append(row)
     title = f"sweep SR={args.SR}: {Path(str(args.model)).name}, {Path(args.train_file).name if args.train_file else args.dataset}"
     md, csv_path, png = write_sweep(Path(args.plots_dir) / f"sweep_{args.SR}", rows, title)
     print(f"sweep: {md}, {csv_path} and {png}")
@@ -598,7 +606,8 @@ class Teacher:
             except UserError as e:
                 raise UserError(f"the teacher {self.dir} does not fit the base model {self.base}: {e} {self.make}.")
             merge_adapters(model)  # inference at the base model's speed
-            self.parameters = sum(p.numel() for p in model.parameters())
+            # The merged model's size: the adapter's own factors are folded in and count no more.
+            self.parameters = sum(p.numel() for n, p in model.named_parameters() if not n.endswith(ADAPTER_PARAMS))
             self.model = model.to(self.device).eval().requires_grad_(False)
         return self.model
 
@@ -663,7 +672,7 @@ def cmd_student(args):
     from model import DistilRNN, RNNConfig
     from train_utils import IGNORE, classification_metrics, kd_loss, predict_logits
     from backbones import load_any_tokenizer
-    from utils import RunLock, UserError, autocast_dtype, pick_device, save_student, seed_everything, \
+    from utils import RunLock, UserError, autocast_dtype, environment, pick_device, save_student, seed_everything, \
         tokenizer_fingerprint, write_json
 
     distil = args.mode == "distil"
@@ -745,7 +754,8 @@ def cmd_student(args):
                   "tokenizer_gguf": tok_gguf,
                   "tokenizer_fingerprint": tokenizer_fingerprint(tok), "labels": task.labels, "task": task.name,
                   "max_length": args.max_length, "eval_split": args.eval_split, "parameters": total,
-                  "majority_acc": majority, "teacher": teacher_info, "command": args.command}
+                  "majority_acc": majority, "teacher": teacher_info, "command": args.command,
+                  "environment": environment(device, amp), "plots": str(Path(args.plots_dir) / f"{args.mode}_{seed}")}
 
         def save_best(model, row, out_dir=out_dir, extras=extras):
             path = save_student(model, out_dir, {**extras, "best": row})
@@ -774,49 +784,21 @@ def cmd_student(args):
     write_compare(args, models_dir)
 
 
-def read_run(run_dir):
-    """(run_config, metrics history) of a finished run, or None when either is missing or unreadable."""
-    try:
-        config = json.loads((run_dir / "run_config.json").read_text())
-        history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        return (config, history) if history else None
-    except (OSError, ValueError):
-        return None
-
-
 def write_compare(args, models_dir):
     """plots/compare_<SR>.md and .png, once the teacher and both students of this SR exist."""
+    from report import comparison_rows
     from train_utils import write_comparison
-    runs = {m: read_run(models_dir / f"{m}_{args.SR}") for m in ("distil", "rnn")}
-    missing = [m for m, r in runs.items() if r is None]
-    if missing:
-        print(f"comparison: `python run.py {missing[0]} {args.SR}` with the same flags writes the "
-              f"teacher / KD student / scratch student comparison, {args.plots_dir}/compare_{args.SR}.md and .png")
+    compared = comparison_rows(models_dir, args.SR)
+    if compared is None:
+        other = "rnn" if args.mode == "distil" else "distil"
+        print(f"comparison: `python run.py {other} {args.SR}` with the same flags writes the teacher / KD student / "
+              f"scratch student comparison, {args.plots_dir}/compare_{args.SR}.md and .png")
         return
-    teacher = runs["distil"][0]["teacher"]
-    teacher_run = read_run(Path(teacher["dir"]))
-    t_seconds = sum(r.get("train_seconds", 0) for r in teacher_run[1]) if teacher_run else 0
-    rows = [{"name": f"teacher: LoRA {Path(teacher['base']).name}", "params": teacher["parameters"],
-             "acc": [teacher["dev_acc"]], "mcc": [teacher["dev_mcc"]], "train_seconds": [t_seconds or None],
-             "sentences_per_s": [teacher["sentences_per_s"]], "history": teacher_run[1] if teacher_run else []}]
-    for mode, name in (("distil", "KD student (distil)"), ("rnn", "scratch student (rnn)")):
-        row = {"name": name, "acc": [], "mcc": [], "train_seconds": [], "sentences_per_s": []}
-        for seed in runs[mode][0].get("seed_group", [args.SR]):
-            run = read_run(models_dir / f"{mode}_{seed}")
-            if run is None:
-                continue
-            config, history = run
-            best = max(history, key=lambda r: r["dev_mcc"])
-            row["acc"].append(best["dev_acc"])
-            row["mcc"].append(best["dev_mcc"])
-            row["train_seconds"].append(config.get("train_seconds"))
-            row["sentences_per_s"].append(config.get("inference_sentences_per_s"))
-            row.setdefault("history", history)
-            row["params"] = config["parameters"]
-        rows.append(row)
-    majority = runs["distil"][0]["majority_acc"]
+    rows, runs = compared
     prefix = Path(args.plots_dir) / f"compare_{args.SR}"
-    md, png = write_comparison(prefix, rows, majority, f"{runs['distil'][0].get('task', 'cola')}, SR={args.SR}: teacher vs KD student vs scratch student")
+    md, png = write_comparison(prefix, rows, runs["distil"][0]["majority_acc"],
+                               f"{runs['distil'][0].get('task', 'cola')}, SR={args.SR}: teacher vs KD student vs "
+                               f"scratch student")
     if runs["distil"][0]["student"] != runs["rnn"][0]["student"]:
         print("warning: the two students differ in architecture; the comparison is not like for like")
     print(f"comparison: {md} and {png}")
@@ -925,6 +907,19 @@ def cmd_predict(args):
         print(f"{verdicts}\t{sentence}")
 
 
+# --------------------------------------------------------------------------- report
+
+def cmd_report(args):
+    from report import write_report
+    check_writable([("--out-dir", args.out_dir)])
+    md, page, problems, missing = write_report(args.SR, args.models_dir, args.plots_dir, args.out_dir)
+    for line in missing:
+        print(f"missing: {line.replace('`', '')}")
+    for line in problems:
+        print(f"warning: {line}")
+    print(f"report: {md} and {page} (self-contained: open it in any browser)")
+
+
 # --------------------------------------------------------------------------- main
 
 def main(argv=None):
@@ -932,10 +927,10 @@ def main(argv=None):
     from utils import UserError, set_threads
     args.command = "python run.py " + " ".join(map(shlex.quote, sys.argv[1:] if argv is None else map(str, argv)))
     threads, why = set_threads(args.threads)
-    if args.mode not in ("gen", "predict"):  # their stdout is their output
+    if args.mode not in ("gen", "predict", "report"):  # their stdout is their output; report trains nothing
         print(f"CPU threads: {threads} ({why})")
     commands = {"gen": cmd_gen, "LoRA": cmd_lora, "sweep": cmd_sweep, "distil": cmd_student, "rnn": cmd_student,
-                "predict": cmd_predict}
+                "predict": cmd_predict, "report": cmd_report}
     try:
         commands[args.mode](args)
     except UserError as e:

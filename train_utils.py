@@ -317,6 +317,30 @@ def mean_std(values, fmt="{:.4f}"):
     return f"{fmt.format(m)} ± {fmt.format(s)}"
 
 
+def markdown_table(columns, cells):
+    """The lines of a markdown table; integers get thousands separators."""
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns),
+            *("| " + " | ".join(f"{v:,}" if isinstance(v, int) else str(v) for v in row) + " |" for row in cells)]
+
+
+def comparison_table(rows):
+    """(columns, cells) of the teacher / KD student / scratch student table (see write_comparison)."""
+    columns = ["model", "parameters", "dev accuracy", "dev MCC", "training time (s)", "inference (sentences/s)",
+               "seeds"]
+    return columns, [[r["name"], f"{r['params'] / 1e6:.2f}M", mean_std(r["acc"]), mean_std(r["mcc"]),
+                      mean_std(r["train_seconds"], "{:.0f}"), mean_std(r["sentences_per_s"], "{:.0f}"),
+                      len(r["acc"])] for r in rows]
+
+
+def sweep_table(rows):
+    """(columns, cells) of the sweep table (see write_sweep)."""
+    columns = ["name", "method", "targets", "r", "alpha", "dropout", "trainable", "trainable %", "dev accuracy",
+               "dev MCC", "best epoch", "epoch time (s)", "adapter (KB)"]
+    return columns, [[r["name"], r["method"], r["targets"], r["r"], r["alpha"], r["dropout"], r["trainable"],
+                      f"{100 * r['trainable'] / r['total']:.3f}", f"{r['acc']:.4f}", f"{r['mcc']:.4f}",
+                      r["best_epoch"], f"{r['epoch_seconds']:.1f}", f"{r['adapter_kb']:.1f}"] for r in rows]
+
+
 def write_comparison(prefix, rows, baseline_acc, title):
     """prefix.md, a table (one row per model: parameters, best dev accuracy and MCC, training time,
     inference speed; mean ± std over seeds), and prefix.png, dev accuracy and MCC per epoch side by side.
@@ -329,12 +353,7 @@ def write_comparison(prefix, rows, baseline_acc, title):
 
     lines = [f"# {title}", "",
              f"Best epoch (by dev MCC) of each run; the majority class scores accuracy {baseline_acc:.4f}, MCC 0.",
-             "", "| model | parameters | dev accuracy | dev MCC | training time (s) | inference (sentences/s) | seeds |",
-             "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['name']} | {r['params'] / 1e6:.2f}M | {mean_std(r['acc'])} | {mean_std(r['mcc'])} | "
-                     f"{mean_std(r['train_seconds'], '{:.0f}')} | {mean_std(r['sentences_per_s'], '{:.0f}')} | "
-                     f"{len(r['acc'])} |")
+             "", *markdown_table(*comparison_table(rows))]
     atomic_write(f"{prefix}.md", lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
@@ -368,14 +387,8 @@ def write_sweep(prefix, rows, title):
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    columns = ["name", "method", "targets", "r", "alpha", "dropout", "trainable", "trainable %", "dev accuracy",
-               "dev MCC", "best epoch", "epoch time (s)", "adapter (KB)"]
-    table = [[r["name"], r["method"], r["targets"], r["r"], r["alpha"], r["dropout"], r["trainable"],
-              f"{100 * r['trainable'] / r['total']:.3f}", f"{r['acc']:.4f}", f"{r['mcc']:.4f}", r["best_epoch"],
-              f"{r['epoch_seconds']:.1f}", f"{r['adapter_kb']:.1f}"] for r in rows]
-    lines = [f"# {title}", "", "Best epoch (by dev MCC) of each configuration.", "",
-             "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(f"{v:,}" if isinstance(v, int) else str(v) for v in row) + " |" for row in table]
+    columns, table = sweep_table(rows)
+    lines = [f"# {title}", "", "Best epoch (by dev MCC) of each configuration.", "", *markdown_table(columns, table)]
     atomic_write(f"{prefix}.md", lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
     buffer = io.StringIO()
     csv.writer(buffer).writerows([columns, *table])

@@ -53,6 +53,15 @@ def autocast_dtype(precision, device):
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+def environment(device, amp):
+    """What a run ran on, for its run_config.json and the report: versions, device, precision, threads."""
+    import platform
+    import transformers
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+            "precision": {None: "float32"}.get(amp, str(amp).replace("torch.", "")), "threads": torch.get_num_threads()}
+
+
 def set_threads(requested=None):
     """The CPU threads of torch: --threads N; else $OMP_NUM_THREADS when set (torch reads it, torchrun sets
     it); else the cores this process may run on, shared among the local ranks of a multi-process launch
