@@ -105,18 +105,25 @@ def _cached_hub_config(repo):
     return Path(found) if isinstance(found, str) else None
 
 
-def is_gpt2(name_or_dir):
-    """True when --model is a GPT-2 for the hand-written GPT: a name of model.PRETRAINED (or its hub repo), or a
-    directory (or a cached hub repo) whose config.json says model_type gpt2. Everything else goes to
-    load_hf_classifier, which reports a missing or unreadable model in its own words."""
+def model_type(name_or_dir):
+    """The model_type of --model as far as can be told without the network: "gpt2" for a name of
+    model.PRETRAINED (or its hub repo), "packaged" for a GGUF file or a short name (neither is a GPT-2), else
+    what the config.json of a directory or a cached hub repo says; None when nothing local tells (an uncached
+    hub id, a missing path)."""
     name = str(name_or_dir)
     if name in PRETRAINED or name in {repo for repo, _ in PRETRAINED.values()}:
-        return True
-    if name in SHORT_NAMES:
-        return False
+        return "gpt2"
+    if name in SHORT_NAMES or name.endswith(".gguf"):
+        return "packaged"
     path = Path(name).expanduser()
     config = path / "config.json" if path.is_dir() else _cached_hub_config(name)
-    return config is not None and config.is_file() and _model_type(config) == "gpt2"
+    return _model_type(config) if config is not None and config.is_file() else None
+
+
+def is_gpt2(name_or_dir):
+    """True when --model is a GPT-2 for the hand-written GPT. Everything else goes to load_hf_classifier,
+    which reports a missing or unreadable model in its own words."""
+    return model_type(name_or_dir) == "gpt2"
 
 
 # --------------------------------------------------------------------------- the classifier

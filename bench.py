@@ -1,7 +1,8 @@
 """Benchmarks of our hand-written GPT-2 + LoRA against the reference (transformers / peft), printed
 side by side with ratios and the targets, in one run. CPU, float32, no hub needed.
 
-    python bench.py gen     greedy decoding, batch 1: tokens/s of ours vs transformers' generate
+    python bench.py gen     greedy decoding, batch 1: tokens/s of ours vs transformers' generate; and
+                            sampling K=4 continuations as one batch vs one alone (total tokens/s)
     python bench.py lora    LoRA training on CoLA: sentences/s of ours vs transformers+peft, ours' FLOP/s
                             against this machine's matmul peak, peak memory of each, and ours' evaluation
                             speed with the adapters merged vs unmerged
@@ -125,6 +126,25 @@ def bench_gen(args, ckpt):
           f"weights from memory ({mb / 1e3 * ceiling:.1f} GB/s), run at {ceiling:.1f} tok/s = "
           f"{ceiling / theirs_tps:.2f}x transformers: the most a batch-1 float32 decoder gets here. Ours runs at "
           f"{100 * ours_tps / ceiling:.0f}% of it, transformers at {100 * theirs_tps / ceiling:.0f}%", flush=True)
+
+    # `gen --num-samples K`: K samples decoded as one batch (one prefill, the cache copied to K rows), against
+    # K=1, sampling as the CLI does (temperature 0.8, top-k 50, one generator per row); in turns.
+    k = args.samples
+
+    def sample(rows):
+        gens = [torch.Generator().manual_seed(i) for i in range(rows)]
+        return list(ours.generate(ids, n, temperature=0.8, top_k=50, generator=gens if rows > 1 else gens[0],
+                                  num_samples=rows))
+
+    sample(1), sample(k)
+    t_one, t_batch = [], []
+    for _ in range(args.repeats):
+        t_one.append(timed(lambda: sample(1)))
+        t_batch.append(timed(lambda: sample(k)))
+    one, batch = n / statistics.median(t_one), k * n / statistics.median(t_batch)
+    print(f"gen: sampling {k} continuations as one batch: {batch:.1f} tok/s in all, vs {one:.1f} tok/s for one: "
+          f"{batch / one:.2f}x (target >= 3x; {n} new tokens each, median of {args.repeats} runs in turns)",
+          flush=True)
 
 
 # --------------------------------------------------------------------------- LoRA training
@@ -534,6 +554,7 @@ def main():
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
     p.add_argument("--new-tokens", type=int, default=128, help="gen: tokens to generate")
     p.add_argument("--repeats", type=int, default=5, help="gen: timed runs per side")
+    p.add_argument("--samples", type=int, default=4, help="gen: K of the batched-sampling line (K samples vs 1)")
     p.add_argument("--steps", type=int, default=20, help="lora: timed training steps")
     p.add_argument("--warmup", type=int, default=3, help="lora: untimed warm-up steps before them")
     p.add_argument("--batch-size", type=int, default=32, help="lora: sentences per step")

@@ -379,9 +379,19 @@ class Examples:
     def __len__(self):
         return len(self.ids)
 
-    def batches(self, batch_size, shuffle=False, seed=0):
-        order = (torch.randperm(len(self), generator=torch.Generator().manual_seed(seed)) if shuffle
-                 else torch.arange(len(self)))
+    def batches(self, batch_size, shuffle=False, seed=0, group_by_length=False):
+        """Padded batches in order, or shuffled by seed. group_by_length (with shuffle): sentences of similar
+        length share a batch, so little compute goes to padding: the shuffled order is cut into windows of
+        50 batches, each window sorted by length and cut into batches, and the batches shuffled again
+        (transformers' LengthGroupedSampler does the same)."""
+        g = torch.Generator().manual_seed(seed)
+        order = torch.randperm(len(self), generator=g) if shuffle else torch.arange(len(self))
+        if shuffle and group_by_length:
+            window = 50 * batch_size
+            lengths = torch.tensor([len(x) for x in self.ids])
+            order = torch.cat([w[lengths[w].argsort(descending=True, stable=True)] for w in order.split(window)])
+            chunks = order.split(batch_size)
+            order = torch.cat([chunks[i] for i in torch.randperm(len(chunks), generator=g).tolist()])
         for start in range(0, len(self), batch_size):
             idx = order[start:start + batch_size]
             seqs = [self.ids[i] for i in idx.tolist()]

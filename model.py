@@ -210,18 +210,25 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                 generator=None, eos_token_id=None):
+                 generator=None, eos_token_id=None, num_samples=1):
         """Yields (B,) tensors of new token ids, one step at a time, with a KV cache.
         temperature 0 = greedy. Stops after max_new_tokens, at the block size, or when every
-        row has produced eos_token_id (if given)."""
+        row has produced eos_token_id (if given). num_samples K > 1 decodes K continuations of a
+        one-row prompt as one batch: one prefill, its cache copied to K rows; then `generator` is a
+        list of K generators, one per row, so a sample does not depend on how many are drawn with it."""
         B, T = idx.shape
+        assert num_samples == 1 or B == 1, "several samples are drawn from one prompt"
         max_new_tokens = min(max_new_tokens, self.config.block_size - T)
         if max_new_tokens <= 0:
             return
         cache = self.new_cache(B, T + max_new_tokens)
         # Prefill: only the last position's logits are needed.
         logits = self.lm_head(self.hidden_states(idx, cache=cache)[:, -1])
-        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        if num_samples > 1:  # decoding a batch of K costs about what one row does: it is bound by weight reads
+            cache = [(k.expand(num_samples, -1, -1, -1).clone(), v.expand(num_samples, -1, -1, -1).clone())
+                     for k, v in cache]
+            logits = logits.expand(num_samples, -1)
+        done = torch.zeros(logits.shape[0], dtype=torch.bool, device=idx.device)
         for step in range(max_new_tokens):
             nxt = sample_next(logits.float(), temperature, top_k, top_p, generator)
             yield nxt
@@ -306,6 +313,9 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
         drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest set whose mass reaches top_p
         logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
     probs = logits.softmax(-1)
+    if isinstance(generator, (list, tuple)):  # one generator per row: each row's draws its own
+        assert len(generator) == probs.shape[0], "one generator per row"
+        return torch.cat([torch.multinomial(p[None], 1, generator=g)[0] for p, g in zip(probs, generator)])
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 

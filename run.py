@@ -108,6 +108,8 @@ def add_training(p, epochs, lr, batch_size, weight_decay):
     p.add_argument("--warmup-ratio", type=fraction, default=0.06, help="linear warm-up over this share of the "
                    "steps, then linear decay to 0")
     p.add_argument("--grad-clip", type=positive(float), default=1.0, help="clip the gradient norm to this")
+    p.add_argument("--group-by-length", action="store_true", help="batch sentences of similar length together "
+                   "(batch order still shuffled by SR): less padding")
     p.add_argument("--plots-dir", default="plots", help="where the PNG plots go")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last epoch")
 
@@ -293,7 +295,8 @@ def train_run(args, name, model, train, dev, majority, out_dir, save_best, run_s
     from train_utils import TrainConfig, ce_loss, fit, write_plots
     seed = args.SR if seed is None else seed
     cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, weight_decay=args.weight_decay,
-                      warmup_ratio=args.warmup_ratio, grad_clip=args.grad_clip, seed=seed)
+                      warmup_ratio=args.warmup_ratio, grad_clip=args.grad_clip, seed=seed,
+                      group_by_length=args.group_by_length)
     prefix = Path(args.plots_dir) / name
     t0 = time.time()
     history = fit(model, train, dev, cfg, device, out_dir, loss_fn=loss_fn or ce_loss, amp_dtype=amp,
@@ -325,8 +328,8 @@ def cmd_gen(args):
     if args.adapter:
         settings, tensors, extras = read_adapter(args.adapter)
     model_name = args.model or extras.get("model") or "gpt2"
-    from backbones import is_gpt2
-    if not is_gpt2(model_name):
+    from backbones import model_type
+    if model_type(model_name) not in ("gpt2", None):  # None: a hub id not cached here, load_gpt tells
         raise UserError(f"gen runs the hand-written GPT-2 only (gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2, or "
                         f"a GPT-2 directory); --model {model_name} is not one. The other backbones are for the "
                         f"training modes.")
@@ -343,21 +346,37 @@ def cmd_gen(args):
         raise UserError("--prompt is empty: give at least one word to continue.")
     if ids.shape[1] >= model.config.block_size:
         raise UserError(f"--prompt is {ids.shape[1]} tokens, the model's block size is {model.config.block_size}.")
-    gen = torch.Generator(device=device).manual_seed(args.SR)
-    for i in range(args.num_samples):
-        if args.num_samples > 1:
-            print(f"\n----- sample {i + 1} of {args.num_samples} -----")
-        print(args.prompt, end="", flush=True)
-        new, shown = [], ""
-        with torch.autocast(device.type, dtype=amp) if amp else torch.no_grad():
-            for nxt in model.generate(ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                                      top_p=args.top_p, generator=gen, eos_token_id=tok.eos_token_id):
+    # Sample i is seeded by (SR, i) alone: the same text whether it is drawn alone or among K.
+    gens = [torch.Generator(device=device).manual_seed(sample_seed(args.SR, i)) for i in range(args.num_samples)]
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eos_token_id=tok.eos_token_id)
+    with torch.autocast(device.type, dtype=amp) if amp else torch.no_grad():
+        if args.num_samples == 1:  # streamed as it comes
+            print(args.prompt, end="", flush=True)
+            new, shown = [], ""
+            for nxt in model.generate(ids, args.max_new_tokens, generator=gens[0], **sampling):
                 new.append(int(nxt[0]))
                 text = tok.decode(new)
                 if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
                     print(text[len(shown):], end="", flush=True)
                     shown = text
-        print(flush=True)
+            print(flush=True)
+            return
+        # K samples decoded as one batch, printed when done; each stops at its own end-of-text.
+        rows = [[] for _ in range(args.num_samples)]
+        for nxt in model.generate(ids, args.max_new_tokens, generator=gens, num_samples=args.num_samples, **sampling):
+            for row, t in zip(rows, nxt.tolist()):
+                if not row or row[-1] != tok.eos_token_id:
+                    row.append(t)
+    for i, row in enumerate(rows):
+        print(f"{chr(10) if i else ''}----- sample {i + 1} of {args.num_samples} -----")
+        print(args.prompt + tok.decode(row), flush=True)
+
+
+def sample_seed(sr, i):
+    """The seed of sample i of SR: SR itself for the first, then a hash of (SR, i) (torch's CPU generator
+    keeps only 32 bits of a seed, so SR + i * 2^32 would repeat the first sample)."""
+    import hashlib
+    return sr if i == 0 else int.from_bytes(hashlib.sha256(f"{sr}/{i}".encode()).digest()[:4], "little")
 
 
 # --------------------------------------------------------------------------- LoRA
@@ -533,7 +552,9 @@ def cmd_sweep(args):
         record = run_args.out_dir / "sweep_settings.json"
         done = read_run(run_args.out_dir)
         if done and len(done[1]) >= run_args.epochs and record.is_file():
-            before = json.loads(record.read_text())
+            # A flag added since that configuration ran has its default there.
+            before = {**{k: str(v) for k, v in vars(build_parser().parse_args(["sweep", "0", "--configs", "-"])).items()
+                         if k in settings}, **json.loads(record.read_text())}
             differ = sorted(k for k in settings.keys() | before.keys() if settings.get(k) != before.get(k))
             if differ:
                 raise UserError(f"sweep: configuration {name} in {run_args.out_dir} was run with other settings "

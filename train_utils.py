@@ -110,6 +110,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     eval_batch_size: int = 128
+    group_by_length: bool = False  # batches of similar lengths (Examples.batches)
 
 
 def to_device(batch, device):
@@ -189,7 +190,8 @@ def fit(model, train, dev, cfg, device, out_dir, loss_fn=ce_loss, amp_dtype=None
         from utils import UserError
         try:  # weights_only: tensors, numbers, strings, lists and dicts, never objects that run code on loading
             ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-            before = {"config": ckpt["config"], "settings": ckpt.get("settings"), "n_train": ckpt.get("n_train"),
+            # A setting added since the checkpoint was written has its default there.
+            before = {"config": {**asdict(TrainConfig()), **ckpt["config"]}, "settings": ckpt.get("settings"), "n_train": ckpt.get("n_train"),
                       "shapes": {n: tuple(t.shape) for n, t in ckpt["trainable"].items()}}
         except Exception as e:
             raise UserError(f"--resume: {ckpt_path} is not a resume checkpoint that can be read safely "
@@ -217,7 +219,8 @@ def fit(model, train, dev, cfg, device, out_dir, loss_fn=ce_loss, amp_dtype=None
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         t0, seen, loss_sum, labelled, correct = time.time(), 0, 0.0, 0, 0
-        bar = progress_bar(train.batches(cfg.batch_size, shuffle=True, seed=cfg.seed * 1000 + epoch),
+        bar = progress_bar(train.batches(cfg.batch_size, shuffle=True, seed=cfg.seed * 1000 + epoch,
+                                         group_by_length=cfg.group_by_length),
                            steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}")
         for batch in bar:
             batch = to_device(batch, device)

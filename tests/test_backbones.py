@@ -515,6 +515,10 @@ def test_every_mode_on_a_transformers_backbone(tiny, tmp_path, family):
     ok(run("rnn", 3, *student))
     assert (tmp_path / "plots" / "compare_3.md").is_file()
     assert "read from the cache" in ok(run("distil", 4, *student, "--teacher", out)).stdout
+    # gen is the hand-written GPT-2's alone: another family is refused by name, not crashed on.
+    from conftest import user_error
+    err = user_error(run("gen", 3, "--model", tiny[family], "--max-new-tokens", 2))
+    assert "gen runs the hand-written GPT-2 only" in err and str(tiny[family]) in err
 
 
 def test_a_run_records_a_short_name_as_its_tokenizer_and_it_loads_again(tiny, monkeypatch):

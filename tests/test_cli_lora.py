@@ -218,7 +218,7 @@ def test_predict_with_several_adapters_in_one_process(lora_run, tiny_dir, tmp_pa
 @needs_tokenizer
 @needs_cola
 def test_gen_with_the_adapter(lora_run, tiny_dir):
-    from model import GPT, merge_adapters
+    from model import merge_adapters
     from run import DEFAULT_PROMPT
     from utils import attach_adapter, load_gpt, load_tokenizer, read_adapter
     tmp, _ = lora_run

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import ROOT, TINY, needs_tokenizer, save_hf_gpt2
-from model import GPT, padding_mask
+from model import padding_mask
 from utils import UserError, load_gpt
 
 
@@ -105,6 +105,22 @@ def test_sampling_reproducible_by_seed(tiny_dir):
     assert sample(7, top_k=5, top_p=0.9) == sample(7, top_k=5, top_p=0.9)
 
 
+def test_batched_samples_equal_samples_drawn_one_by_one(tiny_dir):
+    """num_samples=K: one prefill, K rows decoded together, each with its own generator; row i is the
+    text that generator gives alone (so a sample does not depend on how many are drawn with it)."""
+    model = load_gpt(str(tiny_dir)).eval()
+    ids = torch.tensor([[464, 3616, 286, 1204, 318]])
+    from run import sample_seed
+    seeds = [sample_seed(3, i) for i in range(3)]
+    kw = dict(temperature=1.0, top_k=40, top_p=0.95)
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    batched = torch.stack(list(model.generate(ids, 30, generator=gens, num_samples=3, **kw)), 1)
+    for row, seed in zip(batched.tolist(), seeds):
+        alone = model.generate(ids, 30, generator=torch.Generator().manual_seed(seed), **kw)
+        assert row == torch.stack(list(alone), 1)[0].tolist()
+    assert len({tuple(r) for r in batched.tolist()}) == 3  # and the rows do differ
+
+
 def test_top_k_and_top_p_restrict_the_choice():
     from model import sample_next
     logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]])
@@ -188,6 +204,12 @@ def test_gen_cli_greedy_and_samples(tiny_dir):
     assert out.stdout.count("----- sample") == 2
     s1, s2 = out.stdout.split("----- sample 2 of 2 -----")
     assert s1.split("-----")[-1].strip() == s2.strip()  # greedy: both samples identical
+    # Sampled: the first of four is the text that `gen` draws alone with that SR.
+    args = ["gen", "5", "--model", str(tiny_dir), "--max-new-tokens", "12", "--prompt", "Once upon a time"]
+    alone, four = run_cli(*args), run_cli(*args, "--num-samples", "4")
+    assert alone.returncode == 0 and four.returncode == 0, four.stderr
+    samples = [s.strip() for s in four.stdout.split("-----")[2::2]]
+    assert len(samples) == 4 and samples[0] == alone.stdout.strip() and len(set(samples)) == 4
 
 
 def test_gen_cli_offline_error_without_weights():

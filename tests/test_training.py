@@ -160,3 +160,27 @@ def test_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path):
     new_file = tmp_path / "sub" / "fresh.json"  # parents are created
     atomic_write(new_file, lambda tmp: open(tmp, "w").write("{}"))
     assert new_file.read_text() == "{}"
+
+
+def test_group_by_length_serves_every_sentence_once_with_less_padding():
+    """--group-by-length: the same sentences, each once, in batches of similar lengths (far less padding),
+    seeded: the same order for a seed, another for another seed, and the batch order still shuffled."""
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, 60, (1000,), generator=g).tolist()
+    ex = Examples([[7] * n for n in lengths], list(range(1000)), 0)
+
+    def epoch(seed, grouped):
+        return [b for b in ex.batches(16, shuffle=True, seed=seed, group_by_length=grouped)]
+
+    def padding(batches):
+        return sum(int((b["attention_mask"] == 0).sum()) for b in batches) / sum(b["attention_mask"].numel()
+                                                                                  for b in batches)
+
+    grouped, plain = epoch(1, True), epoch(1, False)
+    assert sorted(torch.cat([b["labels"] for b in grouped]).tolist()) == list(range(1000))
+    assert padding(grouped) < 0.1 < 0.4 < padding(plain)
+    same, other = epoch(1, True), epoch(2, True)
+    assert all(torch.equal(a["labels"], b["labels"]) for a, b in zip(grouped, same))
+    assert not all(torch.equal(a["labels"], b["labels"]) for a, b in zip(grouped, other))
+    longest = [b["input_ids"].shape[1] for b in grouped]
+    assert longest != sorted(longest, reverse=True) and longest != sorted(longest)  # not one long-to-short sweep
