@@ -452,7 +452,9 @@ def cmd_lora(args):
         return (f"  new best dev MCC {row['dev_mcc']:.4f}: adapter saved to {out_dir}/ "
                 f"({path.stat().st_size / 1024:.1f} KB; the full model in float32 is {4 * total / 2**20:.1f} MB)")
 
-    run_settings = {**settings, **{k: v for k, v in extras.items() if k != "command"}, "eval_split": args.eval_split,
+    # What must not change across --resume: not the command, the machine (threads, device) or the plots' place.
+    run_settings = {**settings, **{k: v for k, v in extras.items() if k not in ("command", "environment", "plots")},
+                    "eval_split": args.eval_split,
                     "train_layernorm": not args.no_train_layernorm}
     with RunLock(out_dir, "--out-dir", args.command):
         train_run(args, run_name, model, train, dev, majority, out_dir, save_best,
@@ -713,7 +715,7 @@ def cmd_student(args):
     check_writable([("--models-dir", models_dir), ("--plots-dir", args.plots_dir), ("--cache-dir", cache_dir)])
     teacher = Teacher(args, device, amp) if distil else None
     task = task_data(args)
-    args.max_length = args.max_length or 128
+    args.max_length = args.max_length or min(128, teacher.block_size if distil else 128)
     tok_name, tok_gguf = ((teacher.tokenizer, teacher.gguf if teacher.tokenizer == teacher.base else None) if distil
                           else student_tokenizer(args))
     tok = load_any_tokenizer(tok_name, tok_gguf)

@@ -57,7 +57,8 @@ def environment(device, amp):
     """What a run ran on, for its run_config.json and the report: versions, device, precision, threads."""
     import platform
     import transformers
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+    return {"python": platform.python_version(), "torch": str(torch.__version__),  # a plain str: last.pt loads it
+            "transformers": str(transformers.__version__),
             "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
             "precision": {None: "float32"}.get(amp, str(amp).replace("torch.", "")), "threads": torch.get_num_threads()}
 
