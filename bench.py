@@ -95,7 +95,8 @@ def bench_gen(args, ckpt):
         return out[:, ids.shape[1]:]
 
     # At batch 1 a decoding step must at least stream every weight matrix from memory once. Time just
-    # that, our step's matrix-vector products (lm_head on one position) and nothing else: a ceiling.
+    # that, our step's products of each weight with one row (model.Linear's weight-first layout, lm_head
+    # on one position) and nothing else: a ceiling.
     linears = [m for m in ours.modules() if isinstance(m, torch.nn.Linear)]
     vectors = {m.in_features: torch.randn(1, m.in_features) for m in linears}
 
@@ -122,9 +123,9 @@ def bench_gen(args, ckpt):
           f"{n / max(t_theirs):.1f}-{n / min(t_theirs):.1f} tok/s")
     ceiling = n / statistics.median(t_weights)
     mb = 4 * sum(m.weight.numel() for m in linears) / 1e6
-    print(f"gen: ceiling: a step's {len(linears)} matrix-vector products alone, which stream its {mb:.0f} MB of "
+    print(f"gen: ceiling: a step's {len(linears)} weight-by-row products alone, which stream its {mb:.0f} MB of "
           f"weights from memory ({mb / 1e3 * ceiling:.1f} GB/s), run at {ceiling:.1f} tok/s = "
-          f"{ceiling / theirs_tps:.2f}x transformers: the most a batch-1 float32 decoder gets here. Ours runs at "
+          f"{ceiling / theirs_tps:.2f}x transformers: the most our batch-1 float32 decoder gets here. Ours runs at "
           f"{100 * ours_tps / ceiling:.0f}% of it, transformers at {100 * theirs_tps / ceiling:.0f}%", flush=True)
 
     # `gen --num-samples K`: K samples decoded as one batch (one prefill, the cache copied to K rows), against

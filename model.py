@@ -50,12 +50,31 @@ class Dropout(nn.Dropout):
         return x * (bits < round(keep * 2 ** 31)).to(x.dtype).mul_(1.0 / keep)
 
 
+class Linear(nn.Linear):
+    """nn.Linear, except for a few rows at inference on the CPU (a decoding step: one token per sequence),
+    where it computes (W @ x^T)^T. For one row MKL takes a matrix-vector path that reads GPT-2's weights at
+    about half the speed of its matrix-matrix path with the weight first (measured on a 2-core VM: a step's
+    matmuls 34.8 ms as x @ W^T, 20.0 ms as W @ [x; 0]^T), so one row is padded to two. The same sums in
+    another order: equal to float rounding. Training, long inputs and other devices take nn.Linear's path."""
+    SMALL = 8  # rows up to which the weight-first product wins here (measured to 8: 58 vs 54 ms)
+
+    def forward(self, x):
+        rows = x.numel() // max(1, x.shape[-1])
+        if not 0 < rows <= self.SMALL or torch.is_grad_enabled() or x.device.type != "cpu":
+            return super().forward(x)
+        x2 = x.reshape(rows, x.shape[-1])
+        if rows == 1:
+            x2 = torch.cat([x2, x2.new_zeros(1, x2.shape[1])])
+        y = torch.addmm(self.bias[:, None], self.weight, x2.t()) if self.bias is not None else self.weight @ x2.t()
+        return y.t()[:rows].reshape(*x.shape[:-1], self.out_features)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
         assert config.n_embd % config.n_head == 0, "n_embd must split evenly into heads"
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_attn = Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
+        self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = Dropout(config.dropout)
         self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
 
@@ -91,8 +110,8 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = Dropout(config.dropout)
 
     def forward(self, x):
@@ -166,7 +185,7 @@ class GPT(nn.Module):
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias),
         ))
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # weight tying, as in GPT-2
         self.apply(self._init_weights)
 

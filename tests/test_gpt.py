@@ -252,3 +252,20 @@ def test_gen_cli_bad_input(args, message):
     assert out.returncode == 2
     assert message in out.stderr and "Traceback" not in out.stderr
 
+
+
+def test_linear_weight_first_path_equals_nn_linear():
+    """model.Linear computes a few rows at inference as W @ x^T (faster decoding on the CPU): the same
+    outputs as nn.Linear to float rounding, for every row count, shape and bias; training is untouched."""
+    from model import Linear
+    torch.manual_seed(0)
+    for bias in (True, False):
+        layer = Linear(48, 80, bias=bias)
+        for shape in ((1, 48), (1, 1, 48), (3, 1, 48), (8, 48), (2, 5, 48), (0, 48)):
+            x = torch.randn(shape)
+            with torch.no_grad():
+                fast, plain = layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias)
+            assert fast.shape == plain.shape and torch.allclose(fast, plain, atol=1e-5), (bias, shape)
+    x = torch.randn(1, 48, requires_grad=True)
+    layer(x).sum().backward()  # with gradients on, nn.Linear's own path: backward works as ever
+    assert torch.allclose(x.grad, layer.weight.sum(0))
