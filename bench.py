@@ -55,13 +55,14 @@ def quiet_transformers():
     transformers.logging.disable_progress_bar()
 
 
-def checkpoint(workdir):
-    """A random-weight GPT-2 of the real gpt2 shape, written by transformers (reused if already there)."""
-    path = Path(workdir) / "gpt2-random"
+def checkpoint(workdir, name="gpt2-random", make=None):
+    """WORKDIR/NAME: a random-weight model written by transformers' save_pretrained, seeded, once (reused
+    if already there). make() builds it; by default a GPT-2 of the real gpt2 shape."""
+    path = Path(workdir) / name
     if not (path / "model.safetensors").is_file():
         from transformers import GPT2Config, GPT2LMHeadModel
         torch.manual_seed(0)
-        GPT2LMHeadModel(GPT2Config()).save_pretrained(path)
+        (make or (lambda: GPT2LMHeadModel(GPT2Config())))().save_pretrained(path)
     return path
 
 
@@ -448,11 +449,8 @@ def bench_backbone(args):
     from transformers import AutoModelForSequenceClassification, BertConfig, BertModel
     from backbones import HFClassifier
     from model import inject_adapters, mark_trainable
-    path = Path(args.workdir) / "minilm-shape-random"
-    if not (path / "model.safetensors").is_file():
-        torch.manual_seed(0)
-        BertModel(BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
-                             intermediate_size=1536)).save_pretrained(path)
+    path = checkpoint(args.workdir, "minilm-shape-random", lambda: BertModel(BertConfig(
+        hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)))
     # The batches: CoLA as GPT-2's tokenizer encodes it, ids taken mod BERT's 30522 (random weights: any ids do).
     batches = [{**b, "input_ids": b["input_ids"] % 30522} for b in cola_batches(args)]
     targets = ["query", "value"]  # the bert default of both
@@ -497,11 +495,9 @@ def bench_backbone(args):
 # --------------------------------------------------------------------------- threads
 
 def bench_threads(args):
-    path = Path(args.workdir) / "gpt2-small-random"
-    if not (path / "model.safetensors").is_file():
-        from transformers import GPT2Config, GPT2LMHeadModel
-        torch.manual_seed(0)
-        GPT2LMHeadModel(GPT2Config(n_layer=4, n_head=4, n_embd=256)).save_pretrained(path)
+    from transformers import GPT2Config, GPT2LMHeadModel
+    path = checkpoint(args.workdir, "gpt2-small-random",
+                      lambda: GPT2LMHeadModel(GPT2Config(n_layer=4, n_head=4, n_embd=256)))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     out = Path(args.workdir) / "threads-runs"

@@ -11,7 +11,6 @@ from pathlib import Path
 
 DEFAULT_PROMPT = "Once upon a time, in a small village by the sea,"
 COLA_LABELS = ["unacceptable", "acceptable"]
-ADAPTER_PARAMS = (".lora_A", ".lora_B", ".ia3_l")  # parameter names of our adapter layers
 
 
 def seed_arg(text):
@@ -621,7 +620,7 @@ class Teacher:
     def load(self):
         if self.model is None:
             from backbones import load_classifier
-            from model import merge_adapters
+            from model import adapter_modules, merge_adapters
             from utils import UserError, attach_adapter
             model, _, info = load_classifier(self.base, self.num_labels, self.tokenizer, self.gguf)
             try:
@@ -629,8 +628,9 @@ class Teacher:
             except UserError as e:
                 raise UserError(f"the teacher {self.dir} does not fit the base model {self.base}: {e} {self.make}.")
             merge_adapters(model)  # inference at the base model's speed
-            # The merged model's size: the adapter's own factors are folded in and count no more.
-            self.parameters = sum(p.numel() for n, p in model.named_parameters() if not n.endswith(ADAPTER_PARAMS))
+            # The merged model's size: the adapters' own factors (not their base layers) are folded in.
+            self.parameters = sum(p.numel() for p in model.parameters()) - sum(
+                p.numel() for m in adapter_modules(model) for p in m.parameters(recurse=False))
             self.model = model.to(self.device).eval().requires_grad_(False)
         return self.model
 
