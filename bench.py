@@ -6,6 +6,9 @@ side by side with ratios and the targets, in one run. CPU, float32, no hub neede
     python bench.py lora    LoRA training on CoLA: sentences/s of ours vs transformers+peft, ours' FLOP/s
                             against this machine's matmul peak, peak memory of each, and ours' evaluation
                             speed with the adapters merged vs unmerged
+    python bench.py precision LoRA training and evaluation under every --precision the CLI accepts on the
+                            CPU (fp32, bf16, fp16), ours and transformers+peft on the same batches: sent/s
+                            and the ratios to fp32 and to peft (a precision the CLI refuses here: one step)
     python bench.py distil  distillation on CoLA, ours only: a distil epoch with the teacher-logit cache vs
                             an rnn epoch, vs a distil epoch that runs the teacher every batch, and the
                             student's inference speed vs the teacher's (GPT-2 with a merged LoRA adapter)
@@ -15,7 +18,7 @@ side by side with ratios and the targets, in one run. CPU, float32, no hub neede
     python bench.py threads two `run.py LoRA` processes side by side on one machine (a small random-weight
                             GPT-2): each with torch's default threads (every core: they fight) vs each with
                             --threads cores/2, against one run alone; wall seconds of each
-    python bench.py all     gen, lora, distil and backbone
+    python bench.py all     gen, lora, precision, distil and backbone
 
 Both sides run on one random-weight checkpoint of the real gpt2 shape (12 layers, 768 wide, 50257
 tokens, 1024 positions), written by transformers' own save_pretrained under --workdir (reused if there).
@@ -320,6 +323,76 @@ def bench_lora(args, ckpt):
           f"{m_sps / um_sps:.2f}x", flush=True)
 
 
+# --------------------------------------------------------------------------- precision
+
+def bench_precision(args, ckpt):
+    """LoRA training steps and evaluation under every --precision the CLI accepts on the CPU, ours and
+    transformers+peft on the same batches, in turns (ours fp32, ours bf16, ..., peft fp32, ...), one process.
+    A precision the CLI refuses on this CPU (utils.autocast_dtype measures it first) is timed for one step
+    all the same, so the table shows the trap that the refusal keeps users out of."""
+    import torch.nn.functional as F
+    from utils import UserError, autocast_dtype, cpu_matmul_seconds
+    cpu = torch.device("cpu")
+    batches = cola_batches(args)
+    warm, work = batches[:2], batches[2:2 + args.precision_steps]
+    models = {"ours": build_ours(ckpt), "peft": build_peft(ckpt)}
+    precisions = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    refused = {}
+    for name in ("bf16", "fp16"):
+        try:
+            autocast_dtype(name, cpu)
+        except UserError:
+            refused[name] = cpu_matmul_seconds(precisions[name]) / cpu_matmul_seconds(torch.float32)
+    opts = {side: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3) for side, m in models.items()}
+
+    def logits(side, batch):
+        model = models[side]
+        if side == "ours":
+            return model(batch["input_ids"], batch["attention_mask"])
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+    def step(side, dtype, batch):
+        models[side].train()
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+            out = logits(side, batch)
+        loss = F.cross_entropy(out.float(), batch["labels"])
+        opts[side].zero_grad(set_to_none=True)
+        loss.backward()
+        opts[side].step()
+
+    def evaluate(side, dtype, batch):
+        models[side].eval()
+        with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+            logits(side, batch)
+
+    runs = [(side, name) for side in ("ours", "peft") for name in precisions if side == "ours" or name != "fp16"]
+    train_s = {r: 0.0 for r in runs}
+    eval_s = {r: 0.0 for r in runs}
+    for side, name in runs:  # warm-up
+        for batch in warm[:1 if name in refused else 2]:
+            step(side, precisions[name], batch)
+    for i, batch in enumerate(work):
+        for side, name in runs:
+            if name in refused and i > 0:
+                continue  # one step of a refused precision shows its cost
+            train_s[side, name] += timed(lambda: step(side, precisions[name], batch))
+            eval_s[side, name] += timed(lambda: evaluate(side, precisions[name], batch))
+    n = lambda r: sum(len(b["labels"]) for b in (work[:1] if r[1] in refused else work))
+    sps = {r: n(r) / train_s[r] for r in runs}
+    eps = {r: n(r) / eval_s[r] for r in runs}
+    print(f"precision: CPU autocast, LoRA r=4 on {' '.join(LORA_TARGETS)}, {len(work)} training steps of "
+          f"{args.batch_size} CoLA sentences (the same batches for every row), then a no_grad forward of each batch")
+    for side, name in runs:
+        note = (f"  (refused by the CLI on this CPU: its {name} matmuls take {refused[name]:.0f}x float32's; one step "
+                f"timed)" if name in refused else "")
+        print(f"precision {side} {name}: train {sps[side, name]:.1f} sent/s ({sps[side, name] / sps[side, 'fp32']:.2f}x "
+              f"{side} fp32) | eval {eps[side, name]:.1f} sent/s ({eps[side, name] / eps[side, 'fp32']:.2f}x){note}")
+    if "bf16" not in refused:
+        print(f"precision: ours bf16 / ours fp32 = {sps['ours', 'bf16'] / sps['ours', 'fp32']:.2f}x (target >= 2x); "
+              f"ours bf16 / transformers+peft bf16 = {sps['ours', 'bf16'] / sps['peft', 'bf16']:.2f}x (target >= 2.5x)",
+              flush=True)
+
+
 # --------------------------------------------------------------------------- distillation
 
 def bench_distil(args, ckpt):
@@ -538,7 +611,7 @@ def bench_threads(args):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("what", choices=["gen", "lora", "distil", "backbone", "threads", "all",
+    p.add_argument("what", choices=["gen", "lora", "precision", "distil", "backbone", "threads", "all",
                                          "_lora_worker"],
                    help="what to benchmark")
     p.add_argument("side", nargs="?", choices=["ours", "peft"], help=argparse.SUPPRESS)
@@ -555,6 +628,7 @@ def main():
     p.add_argument("--steps", type=int, default=20, help="lora: timed training steps")
     p.add_argument("--warmup", type=int, default=3, help="lora: untimed warm-up steps before them")
     p.add_argument("--batch-size", type=int, default=32, help="lora: sentences per step")
+    p.add_argument("--precision-steps", type=int, default=6, help="precision: timed training steps per precision")
     p.add_argument("--eval-batches", type=int, default=5, help="lora: batches (of the timed ones) to evaluate")
     p.add_argument("--eval-repeats", type=int, default=5, help="lora: evaluations, merged and unmerged in turn")
     p.add_argument("--distil-sentences", type=int, default=1024, help="distil: CoLA training sentences per epoch "
@@ -588,6 +662,8 @@ def main():
         bench_gen(args, ckpt)
     if args.what in ("lora", "all"):
         bench_lora(args, ckpt)
+    if args.what in ("precision", "all"):
+        bench_precision(args, ckpt)
     if args.what in ("distil", "all"):
         bench_distil(args, ckpt)
     if args.what == "all":

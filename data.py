@@ -9,6 +9,8 @@ import torch
 
 from utils import UserError
 
+IGNORE = -100  # the label of a transfer-set sentence: it carries the teacher's soft targets only
+
 # --------------------------------------------------------------------------- CoLA
 
 COLA_FILES = {"train": "in_domain_train.tsv", "in_domain": "in_domain_dev.tsv",
@@ -379,11 +381,22 @@ class Examples:
     def __len__(self):
         return len(self.ids)
 
-    def batches(self, batch_size, shuffle=False, seed=0, group_by_length=False):
+    def subset(self, index):
+        """The examples at `index` (a list of positions), extras included."""
+        return Examples([self.ids[i] for i in index], self.labels[index].tolist(), self.pad_id,
+                        **{k: v[index] for k, v in self.extras.items()})
+
+    def batches(self, batch_size, shuffle=False, seed=0, group_by_length=False, shard=(0, 1)):
         """Padded batches in order, or shuffled by seed. group_by_length (with shuffle): sentences of similar
         length share a batch, so little compute goes to padding: the shuffled order is cut into windows of
         50 batches, each window sorted by length and cut into batches, and the batches shuffled again
-        (transformers' LengthGroupedSampler does the same)."""
+        (transformers' LengthGroupedSampler does the same).
+        shard=(rank, world), for training on `world` processes: every process draws the same order and takes
+        rows rank, rank + world, ... of each batch of batch_size, so together they see exactly the batches
+        of one process. Each such part says how many sentences (n_total) and labelled sentences
+        (labelled_total) its whole batch has, so that the losses can average over the whole batch; a part
+        left empty (a last batch smaller than world) gets one sentence marked dummy, which counts for nothing."""
+        rank, world = shard
         g = torch.Generator().manual_seed(seed)
         order = torch.randperm(len(self), generator=g) if shuffle else torch.arange(len(self))
         if shuffle and group_by_length:
@@ -393,7 +406,11 @@ class Examples:
             chunks = order.split(batch_size)
             order = torch.cat([chunks[i] for i in torch.randperm(len(chunks), generator=g).tolist()])
         for start in range(0, len(self), batch_size):
-            idx = order[start:start + batch_size]
+            whole = order[start:start + batch_size]
+            idx = whole[rank::world] if world > 1 else whole
+            dummy = len(idx) == 0
+            if dummy:
+                idx = whole[:1]
             seqs = [self.ids[i] for i in idx.tolist()]
             T = max(len(s) for s in seqs)
             input_ids = torch.full((len(seqs), T), self.pad_id, dtype=torch.long)
@@ -403,6 +420,10 @@ class Examples:
                 attention_mask[row, :len(s)] = 1
             batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": self.labels[idx]}
             batch.update({k: v[idx] for k, v in self.extras.items()})
+            if world > 1:
+                batch["n_total"] = torch.tensor(len(whole))
+                batch["labelled_total"] = (self.labels[whole] != IGNORE).sum()
+                batch["dummy"] = torch.tensor(dummy)
             yield batch
 
 

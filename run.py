@@ -72,7 +72,8 @@ def add_common(p, model_help=MODEL_HELP):
                    "else this machine's cores, divided among torchrun's local processes). Running several jobs at "
                    "once? Give each cores/jobs threads")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="autocast precision; auto = bf16 on CUDA, fp32 elsewhere")
+                   help="autocast precision; auto = bf16 on CUDA, fp32 elsewhere. On the CPU a half "
+                   "precision is measured first and refused where this CPU computes it slower than fp32")
 
 
 def add_data(p):
@@ -301,7 +302,9 @@ def train_run(args, name, model, train, dev, majority, out_dir, save_best, run_s
     history = fit(model, train, dev, cfg, device, out_dir, loss_fn=loss_fn or ce_loss, amp_dtype=amp,
                   resume=args.resume, on_best=lambda m, row: print(save_best(m, row)),
                   on_epoch_end=lambda h: write_plots(h, prefix, title, baseline_acc=majority),
-                  run_settings=run_settings)
+                  run_settings=run_settings,
+                  # For the tests: end the run after that epoch, as a run killed then would leave it.
+                  stop_after_epoch=int(os.environ.get("RUN_PY_STOP_AFTER_EPOCH", "0")) or None)
     best = max(history, key=lambda r: r["dev_mcc"])
     print(f"done in {time.time() - t0:.0f} s. Best epoch {best['epoch']}: dev accuracy {best['dev_acc']:.4f}, "
           f"MCC {best['dev_mcc']:.4f} (majority baseline {majority:.4f}, MCC 0). Saved: {out_dir}/; plots: "
@@ -383,8 +386,8 @@ def sample_seed(sr, i):
 def cmd_lora(args):
     from backbones import load_classifier
     from model import inject_adapters, mark_trainable
-    from utils import RunLock, UserError, adapter_settings, atomic_write, autocast_dtype, environment, pick_device, \
-        save_adapter, seed_everything
+    from utils import RunLock, UserError, adapter_settings, atomic_write, autocast_dtype, environment, is_main, \
+        pick_device, save_adapter, seed_everything
 
     if args.peft == "ia3" and (args.rslora or args.lora_alpha is not None):
         raise UserError("--lora-alpha and --rslora apply to --peft lora only; IA3 has no rank or scaling.")
@@ -458,7 +461,7 @@ def cmd_lora(args):
     with RunLock(out_dir, "--out-dir", args.command):
         train_run(args, run_name, model, train, dev, majority, out_dir, save_best,
                   run_settings, title, device, amp)
-        if args.export_peft:
+        if args.export_peft and is_main():
             import shutil
             export = Path(args.export_peft)
             if export.resolve() != out_dir.resolve():
@@ -539,7 +542,7 @@ def cmd_sweep(args):
     not rerun (an interrupted one resumes), and the table and plot compare them all."""
     from report import read_run, sweep_row
     from train_utils import write_sweep
-    from utils import UserError, write_json
+    from utils import UserError, is_main, write_json
     configs = read_sweep(args.configs, args)
     sweep_dir = Path(args.models_dir) / f"sweep_{args.SR}"
     check_writable([("--models-dir", sweep_dir), ("--plots-dir", args.plots_dir)])
@@ -567,11 +570,16 @@ def cmd_sweep(args):
             print(f"sweep: configuration {i}/{len(configs)} {name}: " + ", ".join(f"{k}={v}" for k, v in flags.items()),
                   flush=True)
             cmd_lora(run_args)
-            write_json(record, settings)
+            if is_main():
+                write_json(record, settings)
+        if not is_main():
+            continue  # rank 0 writes the table
         row = sweep_row(name, run_args.out_dir)
         if row is None:
             raise UserError(f"sweep: configuration {name} left no metrics in {run_args.out_dir}.")
         rows.append(row)
+    if not is_main():
+        return
     title = f"sweep SR={args.SR}: {Path(str(args.model)).name}, {Path(args.train_file).name if args.train_file else args.dataset}"
     md, csv_path, png = write_sweep(Path(args.plots_dir) / f"sweep_{args.SR}", rows, title)
     print(f"sweep: {md}, {csv_path} and {png}")
@@ -637,9 +645,10 @@ class Teacher:
     def logits(self, examples, name, cache_dir):
         """The teacher's logits for `examples`: from the cache, or computed once and cached."""
         from train_utils import predict_logits
-        from utils import cache_key, cache_path, read_cached_logits, write_cached_logits
+        from utils import broadcast_object, cache_key, cache_path, is_main, read_cached_logits, write_cached_logits
         key = cache_key(self.id, examples.ids)
-        logits, info = read_cached_logits(cache_dir, key, len(examples))
+        # Under torchrun rank 0 reads the cache and every rank takes its answer (one decision for all).
+        logits, info = broadcast_object(read_cached_logits(cache_dir, key, len(examples)) if is_main() else None)
         if logits is not None:
             print(f"teacher logits for {name} ({len(examples)} sentences): read from the cache "
                   f"{cache_path(cache_dir, key)}; the teacher did not run")
@@ -647,12 +656,12 @@ class Teacher:
         if info:
             print(f"warning: teacher-logit cache: {info}")
         model = self.load()
-        t0 = time.time()
+        t0 = time.time()  # under torchrun each rank computes its share of the sentences (predict_logits)
         logits = predict_logits(model, examples, self.device, 64, self.amp, desc=f"teacher: {name}")
         seconds = time.time() - t0
         info = {"teacher": str(self.dir), "base": str(self.base), "parameters": self.parameters,
                 "sentences_per_s": len(examples) / seconds}
-        path = write_cached_logits(cache_dir, key, logits, info)
+        path = write_cached_logits(cache_dir, key, logits, info) if is_main() else cache_path(cache_dir, key)
         print(f"teacher logits for {name} ({len(examples)} sentences): computed in {seconds:.1f} s "
               f"({info['sentences_per_s']:.0f} sentences/s) and cached in {path}")
         return logits, info
@@ -693,10 +702,10 @@ def cmd_student(args):
     import torch
     from data import Examples, augment
     from model import DistilRNN, RNNConfig
-    from train_utils import IGNORE, classification_metrics, kd_loss, predict_logits
+    from train_utils import IGNORE, classification_metrics, kd_loss, local_logits
     from backbones import load_any_tokenizer
-    from utils import RunLock, UserError, autocast_dtype, environment, pick_device, save_student, seed_everything, \
-        tokenizer_fingerprint, write_json
+    from utils import RunLock, UserError, autocast_dtype, environment, is_main, pick_device, save_student, \
+        seed_everything, tokenizer_fingerprint, write_json
 
     distil = args.mode == "distil"
     if distil and not 0 <= args.alpha <= 1:
@@ -796,15 +805,18 @@ def cmd_student(args):
         with RunLock(out_dir, "--models-dir", args.command):
             history = train_run(args, f"{args.mode}_{seed}", student, train_set, dev, majority, out_dir, save_best,
                                 run_settings, title, device, amp, loss_fn=loss_fn, seed=seed)
-            # Inference speed and training time, for the comparison table.
-            predict_logits(student, dev, device, 128, amp, progress=False)  # warm-up
+            if not is_main():
+                continue
+            # Inference speed (of one process) and training time, for the comparison table.
+            local_logits(student, dev, device, 128, amp, progress=False)  # warm-up
             t0 = time.time()
-            predict_logits(student, dev, device, 128, amp, progress=False)
+            local_logits(student, dev, device, 128, amp, progress=False)
             config = json.loads((out_dir / "run_config.json").read_text())
             config.update(inference_sentences_per_s=len(dev) / (time.time() - t0),
                           train_seconds=sum(r.get("train_seconds", 0) for r in history))
             write_json(out_dir / "run_config.json", config)
-    write_compare(args, models_dir)
+    if is_main():
+        write_compare(args, models_dir)
 
 
 def write_compare(args, models_dir):
@@ -847,11 +859,12 @@ def cmd_predict(args):
     from data import Examples
     from model import merge_adapters, remove_adapters
     from train_utils import predict_logits
-    from utils import UserError, attach_adapter, is_student_dir, load_student, pick_device, read_adapter, \
+    from utils import UserError, attach_adapter, autocast_dtype, is_student_dir, load_student, pick_device, read_adapter, \
         seed_everything, tokenizer_fingerprint
 
     seed_everything(args.SR)
     device = pick_device(args.device)
+    amp = autocast_dtype(args.precision, device)
     specs = parse_adapters(args.adapter)
     students = {name: path for name, path in specs.items() if is_student_dir(path)}
     adapters = {name: read_adapter(path) for name, path in specs.items() if name not in students}
@@ -919,7 +932,7 @@ def cmd_predict(args):
             max_length = min(extras.get("max_length", 1024), info["block_size"])
         ex = Examples.encode(tok, [j[1] for j in mine], [0] * len(mine), max_length, name,
                              add_special_tokens=getattr(tok, "cls_token", None) is not None)
-        probs = predict_logits(clf, ex, device, args.batch_size, progress=False).softmax(-1)
+        probs = predict_logits(clf, ex, device, args.batch_size, amp, progress=False).softmax(-1)
         labels = extras.get("labels") or [f"LABEL_{i}" for i in range(probs.shape[1])]
         for (lineno, sentence, _), p in zip(mine, probs):
             k = int(p.argmax())
@@ -945,24 +958,55 @@ def cmd_report(args):
 
 # --------------------------------------------------------------------------- main
 
+def peer_failed(e):
+    """Whether e is what a collective raises when another process of the run has died."""
+    import torch.distributed as dist
+    text = str(e).lower()
+    return isinstance(e, getattr(dist, "DistError", ())) or any(
+        s in text for s in ("connection closed by peer", "connection reset by peer", "broken pipe", "nccl error"))
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    from utils import UserError, set_threads
+    from utils import UserError, distributed, init_distributed, is_main, launched_world, pick_device, set_threads
     args.command = "python run.py " + " ".join(map(shlex.quote, sys.argv[1:] if argv is None else map(str, argv)))
-    threads, why = set_threads(args.threads)
-    if args.mode not in ("gen", "predict", "report"):  # their stdout is their output; report trains nothing
-        print(f"CPU threads: {threads} ({why})")
     commands = {"gen": cmd_gen, "LoRA": cmd_lora, "sweep": cmd_sweep, "distil": cmd_student, "rnn": cmd_student,
                 "predict": cmd_predict, "report": cmd_report}
     try:
+        threads, why = set_threads(args.threads)
+        if launched_world() > 1:  # torchrun with several processes: data-parallel training
+            if args.mode not in ("LoRA", "sweep", "distil", "rnn"):
+                raise UserError(f"`run.py {args.mode}` runs in one process; start it without torchrun (torchrun "
+                                f"is for the training modes: LoRA, sweep, distil, rnn).")
+            init_distributed(pick_device(args.device))
+            if not is_main():  # rank 0 alone speaks; the others compute the same run
+                sys.stdout = open(os.devnull, "w")
+        if args.mode not in ("gen", "predict", "report"):  # their stdout is their output; report trains nothing
+            world = distributed()[1]
+            print(f"CPU threads: {threads} ({why})" + (f"; {world} processes (torchrun), --batch-size split among "
+                                                         f"them" if world > 1 else ""))
         commands[args.mode](args)
+        if distributed()[1] > 1:
+            import torch.distributed as dist
+            dist.barrier()  # leave together: a process that exits while another still talks to it can abort
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if is_main():  # the same bad input fails every process the same way: said once
+            print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if distributed()[1] > 1 and peer_failed(e):  # a consequence, not a cause: the cause is shown by its rank
+            print(f"error: [rank {distributed()[0]}] stopped: another process of this torchrun run failed (its error "
+                  f"is shown above or below, marked with its rank).", file=sys.stderr)
+            return 1
+        raise
     except KeyboardInterrupt:
         print(f"\ninterrupted. Files on disk are complete (written atomically); `run.py {args.mode} SR --resume` "
               f"with the same flags continues a training run from its last finished epoch.", file=sys.stderr)
         return 130
+    finally:
+        if distributed()[1] > 1:
+            import torch.distributed as dist
+            dist.destroy_process_group()
     return 0
 
 

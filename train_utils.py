@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from utils import atomic_write
+from data import IGNORE
+from utils import atomic_write, distributed
 
 
 # --------------------------------------------------------------------------- metrics and losses
@@ -33,18 +34,20 @@ def classification_metrics(preds, labels):
     return {"acc": correct / max(1, n), "mcc": cov_tp / denom if denom else 0.0}
 
 
-IGNORE = -100  # the label of a transfer-set sentence: it carries the teacher's soft targets only
-
 
 def ce_loss(logits, batch):
-    """Cross-entropy over the labelled sentences of the batch (0 when it has none)."""
+    """Cross-entropy over the labelled sentences of the batch (0 when it has none). Averaged over the
+    labelled sentences of the whole batch: when the batch is one process's part of a batch shared by
+    several (batch["labelled_total"], see Examples.batches), the parts' losses add up to the batch's."""
     labels = batch["labels"]
     labelled = labels != IGNORE
-    if bool(labelled.all()):
+    total = batch.get("labelled_total")
+    if total is None and bool(labelled.all()):
         return F.cross_entropy(logits.float(), labels)
-    if not bool(labelled.any()):
+    if not bool(labelled.any()) or (total is not None and int(total) == 0):
         return logits.float().sum() * 0.0
-    return F.cross_entropy(logits.float()[labelled], labels[labelled])
+    ce = F.cross_entropy(logits.float()[labelled], labels[labelled], reduction="sum")
+    return ce / (labelled.sum() if total is None else total)
 
 
 def kd_loss(logits, batch, temperature=2.0, alpha=0.5):
@@ -57,7 +60,8 @@ def kd_loss(logits, batch, temperature=2.0, alpha=0.5):
     t = temperature
     log_p_student = F.log_softmax(logits.float() / t, -1)
     log_p_teacher = F.log_softmax(batch["teacher_logits"].float() / t, -1)
-    kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(-1).mean()
+    kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(-1)
+    kl = kl.mean() if "n_total" not in batch else kl.sum() / batch["n_total"]  # over the whole batch (ce_loss)
     if alpha == 1:
         return t * t * kl
     return alpha * t * t * kl + (1 - alpha) * ce_loss(logits, batch)
@@ -119,7 +123,25 @@ def to_device(batch, device):
 
 @torch.no_grad()
 def predict_logits(model, examples, device, batch_size=128, amp_dtype=None, desc="eval", progress=True):
-    """(len(examples), num_labels) float32 logits on the CPU, in the examples' order."""
+    """(len(examples), num_labels) float32 logits on the CPU, in the examples' order. Under torchrun each
+    process computes every world-th example and all of them get all the logits."""
+    rank, world = distributed()
+    if world > 1:
+        import torch.distributed as dist
+        mine = local_logits(model, examples.subset(list(range(rank, len(examples), world))), device,
+                            batch_size, amp_dtype, desc, progress and rank == 0) if rank < len(examples) else None
+        parts = [None] * world
+        dist.all_gather_object(parts, mine)
+        out = torch.empty(len(examples), next(p for p in parts if p is not None).shape[1])
+        for r, part in enumerate(parts):
+            if part is not None:
+                out[r::world] = part
+        return out
+    return local_logits(model, examples, device, batch_size, amp_dtype, desc, progress)
+
+
+@torch.no_grad()
+def local_logits(model, examples, device, batch_size=128, amp_dtype=None, desc="eval", progress=True):
     model.eval()
     out = []
     for batch in progress_bar(examples.batches(batch_size), math.ceil(len(examples) / batch_size), desc,
@@ -157,6 +179,50 @@ def set_rng_states(states, device):
         torch.cuda.set_rng_state(states["cuda"], device)
 
 
+def gather_rng(device):
+    """rng_states of this process; under torchrun {"ranks": [one per rank]}, so that --resume gives each
+    process back its own dropout stream."""
+    rank, world = distributed()
+    if world == 1:
+        return rng_states(device)
+    import torch.distributed as dist
+    states = [None] * world
+    dist.all_gather_object(states, rng_states(device))
+    return {"ranks": states}
+
+
+def rank_rng(saved, rank, world):
+    """This rank's state from gather_rng's record (one written with as many processes, or a one-process one)."""
+    if "ranks" not in saved:
+        return saved
+    ranks = saved["ranks"]
+    if len(ranks) != world:
+        print(f"note: --resume with {world} processes from a run of {len(ranks)}: the dropout draws differ from an "
+              f"uninterrupted run (the rest does not)")
+    return ranks[rank % len(ranks)]
+
+
+def all_reduce_sum(values, device):
+    """The sums over every process of a list of numbers (float64, so that counts stay exact)."""
+    import torch.distributed as dist
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def data_parallel(model, device, params):
+    """model under DistributedDataParallel, which all-reduces the gradients of the trainable parameters only
+    (the frozen base never crosses the network). Every process loaded the same base and seeded the same
+    adapter, so nothing is broadcast at the start (init_sync off) but the trainable parameters, to be sure."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+    with torch.no_grad():
+        for p in params:
+            dist.broadcast(p.data, src=0)
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   init_sync=False, forward_sync_buffers=False)
+
+
 def fit(model, train, dev, cfg, device, out_dir, loss_fn=ce_loss, amp_dtype=None, resume=False,
         on_epoch_end=None, on_best=None, stop_after_epoch=None, run_settings=None):
     """Train the parameters of `model` that require grad; after each epoch evaluate on dev, append
@@ -168,6 +234,9 @@ def fit(model, train, dev, cfg, device, out_dir, loss_fn=ce_loss, amp_dtype=None
     out_dir = Path(out_dir)
     params = [p for p in model.parameters() if p.requires_grad]
     assert params, "nothing to train: every parameter is frozen"
+    rank, world = distributed()
+    main = rank == 0  # rank 0 alone prints and writes files; every rank holds the same parameters and history
+    engine = data_parallel(model, device, params) if world > 1 else model
     # Weight decay on matrices only; biases, layer norms and IA3 vectors are left alone.
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
@@ -210,7 +279,7 @@ def fit(model, train, dev, cfg, device, out_dir, loss_fn=ce_loss, amp_dtype=None
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
-        set_rng_states(ckpt["rng"], device)
+        set_rng_states(rank_rng(ckpt["rng"], rank, world), device)
         history, start_epoch, best_mcc = ckpt["history"], ckpt["epoch"] + 1, ckpt["best_mcc"]
         print(f"resumed from {ckpt_path} after epoch {start_epoch} of {cfg.epochs}")
     elif resume:
@@ -220,27 +289,35 @@ def fit(model, train, dev, cfg, device, out_dir, loss_fn=ce_loss, amp_dtype=None
         model.train()
         t0, seen, loss_sum, labelled, correct = time.time(), 0, 0.0, 0, 0
         bar = progress_bar(train.batches(cfg.batch_size, shuffle=True, seed=cfg.seed * 1000 + epoch,
-                                         group_by_length=cfg.group_by_length),
-                           steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}")
+                                         group_by_length=cfg.group_by_length, shard=(rank, world)),
+                           steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", disable=not main)
         for batch in bar:
+            dummy = bool(batch.pop("dummy", False))  # this process's part of a short last batch is empty
             batch = to_device(batch, device)
             with autocast(device, amp_dtype):
-                logits = model(batch["input_ids"], batch["attention_mask"])
-            loss = loss_fn(logits, batch)
+                logits = engine(batch["input_ids"], batch["attention_mask"])
+            loss = loss_fn(logits, batch) * (0.0 if dummy else 1.0)
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            # DDP averages the processes' gradients, and each process's loss is already its share of the
+            # whole batch's (the losses divide by the whole batch's size): times world undoes the averaging.
+            scaler.scale(loss * world if world > 1 else loss).backward()
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
+            if dummy:
+                continue
             n = len(batch["labels"])
             seen += n
-            loss_sum += loss.item() * n
+            loss_sum += loss.item() * int(batch.get("n_total", n))  # summed over the processes: the batch's loss
             has_label = batch["labels"] != IGNORE  # transfer-set sentences count in the loss, not the accuracy
             labelled += int(has_label.sum())
             correct += int((logits.argmax(-1) == batch["labels"])[has_label].sum())
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / max(1, labelled):.3f}")
+        if world > 1:  # the epoch's figures over all processes
+            seen, loss_sum, labelled, correct = all_reduce_sum([seen, loss_sum, labelled, correct], device)
+            seen, labelled, correct = int(seen), int(labelled), int(correct)
         train_time = time.time() - t0
         rng = rng_states(device)  # evaluation must not move the training's random stream
         dev_metrics = evaluate(model, dev, device, cfg.eval_batch_size, amp_dtype=amp_dtype)
@@ -250,21 +327,23 @@ def fit(model, train, dev, cfg, device, out_dir, loss_fn=ce_loss, amp_dtype=None
                "lr": scheduler.get_last_lr()[0], "train_sentences_per_s": seen / train_time,
                "train_seconds": train_time}
         history.append(row)
-        print(f"epoch {epoch + 1}/{cfg.epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  |  "
-              f"dev loss {row['dev_loss']:.4f} acc {row['dev_acc']:.4f} MCC {row['dev_mcc']:.4f}  |  "
-              f"{row['train_sentences_per_s']:.1f} sent/s", flush=True)
-        if row["dev_mcc"] > best_mcc:
-            best_mcc = row["dev_mcc"]
-            if on_best:
+        rng = gather_rng(device)  # every process's random state (a collective: all ranks take part)
+        best = row["dev_mcc"] > best_mcc  # the same on every rank: the dev logits were gathered
+        best_mcc = max(best_mcc, row["dev_mcc"])
+        if main:
+            print(f"epoch {epoch + 1}/{cfg.epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  |  "
+                  f"dev loss {row['dev_loss']:.4f} acc {row['dev_acc']:.4f} MCC {row['dev_mcc']:.4f}  |  "
+                  f"{row['train_sentences_per_s']:.1f} sent/s", flush=True)
+            if best and on_best:
                 on_best(model, row)
-        write_metrics(out_dir / "metrics.jsonl", history)
-        if on_epoch_end:
-            on_epoch_end(history)
-        state = {"epoch": epoch, "trainable": trainable_state(model), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_states(device),
-                 "history": history, "best_mcc": best_mcc, "config": asdict(cfg), "settings": run_settings,
-                 "n_train": len(train)}
-        atomic_write(ckpt_path, lambda tmp: torch.save(state, tmp))
+            write_metrics(out_dir / "metrics.jsonl", history)
+            if on_epoch_end:
+                on_epoch_end(history)
+            state = {"epoch": epoch, "trainable": trainable_state(model), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng,
+                     "history": history, "best_mcc": best_mcc, "config": asdict(cfg), "settings": run_settings,
+                     "n_train": len(train)}
+            atomic_write(ckpt_path, lambda tmp: torch.save(state, tmp))
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
             break  # tests use this to stand for a run killed between epochs
     return history

@@ -26,6 +26,13 @@ def seed_everything(seed):
 
 
 def pick_device(name="auto"):
+    """The device of --device. Under torchrun, `cuda` is this process's own GPU, cuda:LOCAL_RANK."""
+    if launched_world() > 1 and name in ("auto", "cuda") and torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if local >= torch.cuda.device_count():
+            raise UserError(f"torchrun started {os.environ.get('LOCAL_WORLD_SIZE', '?')} processes on this machine, "
+                            f"which has {torch.cuda.device_count()} CUDA GPU(s): use --nproc_per_node <= that.")
+        return torch.device("cuda", local)
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -47,10 +54,37 @@ def pick_device(name="auto"):
 
 
 def autocast_dtype(precision, device):
-    """The dtype to autocast to, or None for plain float32. 'auto' = bf16 on CUDA, fp32 elsewhere."""
+    """The dtype to autocast to, or None for plain float32. 'auto' = bf16 on CUDA, fp32 elsewhere.
+    Half precision on the CPU is fast only where the CPU has kernels for it (bf16 on recent x86 and ARM;
+    fp16 hardly anywhere): without them a matrix product falls back to a plain loop, and training runs
+    tens of times slower than fp32 (measured on a 2-core VM: fp16 backward 40x fp32; bf16 2x faster than
+    fp32). So on the CPU a half precision is measured first and refused when it is slower than fp32."""
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    if dtype is not None and device.type == "cpu":
+        half, single = cpu_matmul_seconds(dtype), cpu_matmul_seconds(torch.float32)
+        if half > 1.5 * single:
+            raise UserError(f"--precision {precision} on this CPU: its matrix products take {half / single:.0f}x as "
+                            f"long as in float32 ({1000 * half:.1f} ms against {1000 * single:.1f} ms, measured now), "
+                            f"so training and inference would run many times slower, not faster. Use --precision "
+                            f"fp32{'' if precision == 'bf16' else ' (or bf16, where this CPU has kernels for it)'}.")
+    return dtype
+
+
+def cpu_matmul_seconds(dtype, rows=256, width=768):
+    """The fastest of three runs of the three products a training step makes (x W, x W^T, x^T g) at a
+    typical size, in dtype on the CPU: a probe that costs milliseconds where the kernels are fast."""
+    import time
+    a, w = torch.randn(rows, width, dtype=dtype), torch.randn(width, width, dtype=dtype)
+    steps = (lambda: a @ w, lambda: a @ w.t(), lambda: a.t() @ a)
+    times = []
+    for _ in range(4):
+        t0 = time.perf_counter()
+        for step in steps:
+            step()
+        times.append(time.perf_counter() - t0)
+    return min(times[1:])  # the first run allocates
 
 
 def environment(device, amp):
@@ -82,6 +116,52 @@ def set_threads(requested=None):
         why = f"{cores} cores" + (f" shared by {ranks} local processes" if ranks > 1 else "")
     torch.set_num_threads(n)
     return n, why
+
+
+# --------------------------------------------------------------------------- several processes (torchrun)
+
+def launched_world():
+    """The number of processes torchrun started (WORLD_SIZE), 1 without torchrun."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def init_distributed(device):
+    """Under torchrun with several processes: join their process group, nccl on CUDA (one GPU per local
+    rank, see pick_device), gloo on the CPU. torchrun's environment (MASTER_ADDR, RANK, ...) says where."""
+    import torch.distributed as dist
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            **({"device_id": device} if device.type == "cuda" else {}))
+
+
+def distributed():
+    """(rank, world size) of this process: (0, 1) unless it is one of several that torchrun started."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main():
+    """Rank 0, the one process that prints and writes files (every process, without torchrun). Before the
+    process group exists, torchrun's $RANK says."""
+    rank, world = distributed()
+    return rank == 0 if world > 1 else os.environ.get("RANK", "0").strip() in ("0", "")
+
+
+def broadcast_object(obj):
+    """Rank 0's obj on every rank (obj itself in one process): one decision, taken once, for all."""
+    rank, world = distributed()
+    if world == 1:
+        return obj
+    import torch.distributed as dist
+    box = [obj if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 # --------------------------------------------------------------------------- atomic files and run locks
@@ -117,6 +197,8 @@ class RunLock:
         self.dir, self.flag, self.command, self.file = Path(directory), flag, command, None
 
     def __enter__(self):
+        if not is_main():
+            return self  # under torchrun rank 0 holds the lock for all (it alone writes)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.file = open(self.dir / ".lock", "a+")
         if not _try_lock(self.file):
@@ -136,7 +218,8 @@ class RunLock:
         return self
 
     def __exit__(self, *exc):
-        self.file.close()  # closing the file releases the lock
+        if self.file:
+            self.file.close()  # closing the file releases the lock
 
 
 try:

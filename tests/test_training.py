@@ -184,3 +184,35 @@ def test_group_by_length_serves_every_sentence_once_with_less_padding():
     assert not all(torch.equal(a["labels"], b["labels"]) for a, b in zip(grouped, other))
     longest = [b["input_ids"].shape[1] for b in grouped]
     assert longest != sorted(longest, reverse=True) and longest != sorted(longest)  # not one long-to-short sweep
+
+
+# --------------------------------------------------------------------------- half precision on the CPU
+
+def test_a_half_precision_the_cpu_computes_slowly_is_refused(monkeypatch):
+    import utils
+    monkeypatch.setattr(utils, "cpu_matmul_seconds", lambda dtype: 0.150 if dtype == torch.float16 else 0.008)
+    with pytest.raises(UserError, match=r"--precision fp16 on this CPU: its matrix products take 19x as long as in "
+                                        r"float32 \(150.0 ms against 8.0 ms, measured now\).*Use --precision fp32"):
+        utils.autocast_dtype("fp16", CPU)
+    assert utils.autocast_dtype("fp32", CPU) is None and utils.autocast_dtype("auto", CPU) is None
+    monkeypatch.setattr(utils, "cpu_matmul_seconds", lambda dtype: 0.001 if dtype == torch.bfloat16 else 0.008)
+    assert utils.autocast_dtype("bf16", CPU) is torch.bfloat16
+
+
+def test_bf16_training_on_the_cpu_agrees_with_fp32(tiny_dir, tmp_path):
+    """Where this CPU computes bf16 fast (else the CLI refuses it, and so does this test): the same run in
+    bf16 autocast learns what the fp32 run learns, to within a few dev sentences."""
+    from utils import autocast_dtype
+    try:
+        autocast_dtype("bf16", CPU)
+    except UserError as e:
+        pytest.skip(str(e))
+    train, dev = separable(256, seed=1), separable(128, seed=2)
+    cfg = TrainConfig(epochs=3, lr=5e-3, batch_size=32, seed=0)
+    runs = {}
+    for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+        runs[name] = fit(lora_model(tiny_dir, seed=0), train, dev, cfg, CPU, tmp_path / name, amp_dtype=dtype)
+    fp32, bf16 = runs["fp32"][-1], runs["bf16"][-1]
+    assert fp32["dev_acc"] >= 0.95 and bf16["dev_acc"] >= 0.95
+    assert abs(fp32["dev_acc"] - bf16["dev_acc"]) <= 3 / 128
+    assert bf16["dev_loss"] == pytest.approx(fp32["dev_loss"], abs=0.05)
