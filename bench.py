@@ -331,7 +331,8 @@ def bench_precision(args, ckpt):
     A precision the CLI refuses on this CPU (utils.autocast_dtype measures it first) is timed for one step
     all the same, so the table shows the trap that the refusal keeps users out of."""
     import torch.nn.functional as F
-    from utils import UserError, autocast_dtype, cpu_matmul_seconds
+    from machine import autocast_dtype, cpu_matmul_seconds
+    from utils import UserError
     cpu = torch.device("cpu")
     batches = cola_batches(args)
     warm, work = batches[:2], batches[2:2 + args.precision_steps]

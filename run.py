@@ -317,8 +317,8 @@ def train_run(args, name, model, train, dev, majority, out_dir, save_best, run_s
 def cmd_gen(args):
     import torch
     from model import merge_adapters
-    from utils import UserError, attach_adapter, autocast_dtype, load_gpt, load_tokenizer, pick_device, \
-        read_adapter, seed_everything
+    from machine import autocast_dtype, pick_device, seed_everything
+    from utils import UserError, attach_adapter, load_gpt, load_tokenizer, read_adapter
 
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise UserError(f"--top-p must be in (0, 1], got {args.top_p}.")
@@ -386,8 +386,8 @@ def sample_seed(sr, i):
 def cmd_lora(args):
     from backbones import load_classifier
     from model import inject_adapters, mark_trainable
-    from utils import RunLock, UserError, adapter_settings, atomic_write, autocast_dtype, environment, is_main, \
-        pick_device, save_adapter, seed_everything
+    from machine import autocast_dtype, environment, is_main, pick_device, seed_everything
+    from utils import RunLock, UserError, adapter_settings, atomic_write, save_adapter
 
     if args.peft == "ia3" and (args.rslora or args.lora_alpha is not None):
         raise UserError("--lora-alpha and --rslora apply to --peft lora only; IA3 has no rank or scaling.")
@@ -458,7 +458,7 @@ def cmd_lora(args):
     run_settings = {**settings, **{k: v for k, v in extras.items() if k not in ("command", "environment", "plots")},
                     "eval_split": args.eval_split,
                     "train_layernorm": not args.no_train_layernorm}
-    with RunLock(out_dir, "--out-dir", args.command):
+    with RunLock(out_dir, "--out-dir", args.command, hold=is_main()):
         train_run(args, run_name, model, train, dev, majority, out_dir, save_best,
                   run_settings, title, device, amp)
         if args.export_peft and is_main():
@@ -542,7 +542,8 @@ def cmd_sweep(args):
     not rerun (an interrupted one resumes), and the table and plot compare them all."""
     from report import read_run, sweep_row
     from train_utils import write_sweep
-    from utils import UserError, is_main, write_json
+    from machine import is_main
+    from utils import UserError, write_json
     configs = read_sweep(args.configs, args)
     sweep_dir = Path(args.models_dir) / f"sweep_{args.SR}"
     check_writable([("--models-dir", sweep_dir), ("--plots-dir", args.plots_dir)])
@@ -645,7 +646,8 @@ class Teacher:
     def logits(self, examples, name, cache_dir):
         """The teacher's logits for `examples`: from the cache, or computed once and cached."""
         from train_utils import predict_logits
-        from utils import broadcast_object, cache_key, cache_path, is_main, read_cached_logits, write_cached_logits
+        from machine import broadcast_object, is_main
+        from utils import cache_key, cache_path, read_cached_logits, write_cached_logits
         key = cache_key(self.id, examples.ids)
         # Under torchrun rank 0 reads the cache and every rank takes its answer (one decision for all).
         logits, info = broadcast_object(read_cached_logits(cache_dir, key, len(examples)) if is_main() else None)
@@ -704,8 +706,8 @@ def cmd_student(args):
     from model import DistilRNN, RNNConfig
     from train_utils import IGNORE, classification_metrics, kd_loss, local_logits
     from backbones import load_any_tokenizer
-    from utils import RunLock, UserError, autocast_dtype, environment, is_main, pick_device, save_student, \
-        seed_everything, tokenizer_fingerprint, write_json
+    from machine import autocast_dtype, environment, is_main, pick_device, seed_everything
+    from utils import RunLock, UserError, save_student, tokenizer_fingerprint, write_json
 
     distil = args.mode == "distil"
     if distil and not 0 <= args.alpha <= 1:
@@ -802,7 +804,7 @@ def cmd_student(args):
                         if distil else None}
         title = (f"{args.mode} SR={seed}: {kind}, lr={args.lr:g}, batch={args.batch_size}"
                  + (f", alpha={args.alpha:g}, T={args.temperature:g}, augment={args.augment}" if distil else ""))
-        with RunLock(out_dir, "--models-dir", args.command):
+        with RunLock(out_dir, "--models-dir", args.command, hold=is_main()):
             history = train_run(args, f"{args.mode}_{seed}", student, train_set, dev, majority, out_dir, save_best,
                                 run_settings, title, device, amp, loss_fn=loss_fn, seed=seed)
             if not is_main():
@@ -859,8 +861,8 @@ def cmd_predict(args):
     from data import Examples
     from model import merge_adapters, remove_adapters
     from train_utils import predict_logits
-    from utils import UserError, attach_adapter, autocast_dtype, is_student_dir, load_student, pick_device, read_adapter, \
-        seed_everything, tokenizer_fingerprint
+    from machine import autocast_dtype, pick_device, seed_everything
+    from utils import UserError, attach_adapter, is_student_dir, load_student, read_adapter, tokenizer_fingerprint
 
     seed_everything(args.SR)
     device = pick_device(args.device)
@@ -968,7 +970,8 @@ def peer_failed(e):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    from utils import UserError, distributed, init_distributed, is_main, launched_world, pick_device, set_threads
+    from machine import distributed, init_distributed, is_main, launched_world, pick_device, set_threads
+    from utils import UserError
     args.command = "python run.py " + " ".join(map(shlex.quote, sys.argv[1:] if argv is None else map(str, argv)))
     commands = {"gen": cmd_gen, "LoRA": cmd_lora, "sweep": cmd_sweep, "distil": cmd_student, "rnn": cmd_student,
                 "predict": cmd_predict, "report": cmd_report}

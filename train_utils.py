@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import IGNORE
-from utils import atomic_write, distributed
+from machine import distributed
+from utils import atomic_write
 
 
 # --------------------------------------------------------------------------- metrics and losses

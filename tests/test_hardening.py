@@ -13,7 +13,8 @@ import torch
 
 import data
 from conftest import COLA_DIR, ROOT, TOKENIZER_DIR, needs_cola, needs_tokenizer, ok, run, user_error
-from utils import RunLock, UserError, set_threads
+from machine import set_threads
+from utils import RunLock, UserError
 
 OFFLINE_VARS = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
 

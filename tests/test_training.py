@@ -9,7 +9,8 @@ import torch
 from model import GPT2_TARGETS, GPTClassifier, inject_adapters, mark_trainable
 from train_utils import TrainConfig, fit, trainable_state
 from data import Examples
-from utils import UserError, atomic_write, load_gpt, seed_everything
+from machine import seed_everything
+from utils import UserError, atomic_write, load_gpt
 
 CPU = torch.device("cpu")
 TIMING = ("train_sentences_per_s", "train_seconds")  # wall-clock: not reproducible
@@ -189,20 +190,20 @@ def test_group_by_length_serves_every_sentence_once_with_less_padding():
 # --------------------------------------------------------------------------- half precision on the CPU
 
 def test_a_half_precision_the_cpu_computes_slowly_is_refused(monkeypatch):
-    import utils
-    monkeypatch.setattr(utils, "cpu_matmul_seconds", lambda dtype: 0.150 if dtype == torch.float16 else 0.008)
+    import machine
+    monkeypatch.setattr(machine, "cpu_matmul_seconds", lambda dtype: 0.150 if dtype == torch.float16 else 0.008)
     with pytest.raises(UserError, match=r"--precision fp16 on this CPU: its matrix products take 19x as long as in "
                                         r"float32 \(150.0 ms against 8.0 ms, measured now\).*Use --precision fp32"):
-        utils.autocast_dtype("fp16", CPU)
-    assert utils.autocast_dtype("fp32", CPU) is None and utils.autocast_dtype("auto", CPU) is None
-    monkeypatch.setattr(utils, "cpu_matmul_seconds", lambda dtype: 0.001 if dtype == torch.bfloat16 else 0.008)
-    assert utils.autocast_dtype("bf16", CPU) is torch.bfloat16
+        machine.autocast_dtype("fp16", CPU)
+    assert machine.autocast_dtype("fp32", CPU) is None and machine.autocast_dtype("auto", CPU) is None
+    monkeypatch.setattr(machine, "cpu_matmul_seconds", lambda dtype: 0.001 if dtype == torch.bfloat16 else 0.008)
+    assert machine.autocast_dtype("bf16", CPU) is torch.bfloat16
 
 
 def test_bf16_training_on_the_cpu_agrees_with_fp32(tiny_dir, tmp_path):
     """Where this CPU computes bf16 fast (else the CLI refuses it, and so does this test): the same run in
     bf16 autocast learns what the fp32 run learns, to within a few dev sentences."""
-    from utils import autocast_dtype
+    from machine import autocast_dtype
     try:
         autocast_dtype("bf16", CPU)
     except UserError as e:
