@@ -336,48 +336,58 @@ def bench_precision(args, ckpt):
     cpu = torch.device("cpu")
     batches = cola_batches(args)
     warm, work = batches[:2], batches[2:2 + args.precision_steps]
-    models = {"ours": build_ours(ckpt), "peft": build_peft(ckpt)}
+    from model import cast_frozen_linears
     precisions = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    runs = [(side, name) for side in ("ours", "peft") for name in precisions if side == "ours" or name != "fp16"]
+    # One model per row. Ours as fit trains it: under autocast its frozen base layers are kept in that precision
+    # (model.cast_frozen_linears); transformers+peft as it runs under autocast.
+    models = {}
+    for side, name in runs:
+        torch.manual_seed(0)
+        models[side, name] = build_ours(ckpt) if side == "ours" else build_peft(ckpt)
+        if side == "ours" and precisions[name] is not None:
+            cast_frozen_linears(models[side, name], precisions[name])
     refused = {}
     for name in ("bf16", "fp16"):
         try:
             autocast_dtype(name, cpu)
         except UserError:
             refused[name] = cpu_matmul_seconds(precisions[name]) / cpu_matmul_seconds(torch.float32)
-    opts = {side: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3) for side, m in models.items()}
+    opts = {r: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3) for r, m in models.items()}
 
-    def logits(side, batch):
-        model = models[side]
+    def logits(side, name, batch):
+        model = models[side, name]
         if side == "ours":
             return model(batch["input_ids"], batch["attention_mask"])
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
-    def step(side, dtype, batch):
-        models[side].train()
+    def step(side, name, batch):
+        dtype = precisions[name]
+        models[side, name].train()
         with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
-            out = logits(side, batch)
+            out = logits(side, name, batch)
         loss = F.cross_entropy(out.float(), batch["labels"])
-        opts[side].zero_grad(set_to_none=True)
+        opts[side, name].zero_grad(set_to_none=True)
         loss.backward()
-        opts[side].step()
+        opts[side, name].step()
 
-    def evaluate(side, dtype, batch):
-        models[side].eval()
+    def evaluate(side, name, batch):
+        dtype = precisions[name]
+        models[side, name].eval()
         with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
-            logits(side, batch)
+            logits(side, name, batch)
 
-    runs = [(side, name) for side in ("ours", "peft") for name in precisions if side == "ours" or name != "fp16"]
     train_s = {r: 0.0 for r in runs}
     eval_s = {r: 0.0 for r in runs}
     for side, name in runs:  # warm-up
         for batch in warm[:1 if name in refused else 2]:
-            step(side, precisions[name], batch)
+            step(side, name, batch)
     for i, batch in enumerate(work):
         for side, name in runs:
             if name in refused and i > 0:
                 continue  # one step of a refused precision shows its cost
-            train_s[side, name] += timed(lambda: step(side, precisions[name], batch))
-            eval_s[side, name] += timed(lambda: evaluate(side, precisions[name], batch))
+            train_s[side, name] += timed(lambda: step(side, name, batch))
+            eval_s[side, name] += timed(lambda: evaluate(side, name, batch))
     n = lambda r: sum(len(b["labels"]) for b in (work[:1] if r[1] in refused else work))
     sps = {r: n(r) / train_s[r] for r in runs}
     eps = {r: n(r) / eval_s[r] for r in runs}

@@ -37,17 +37,22 @@ PRETRAINED = {
 
 class Dropout(nn.Dropout):
     """nn.Dropout with a cheaper random mask on the CPU, where torch's dropout draws a float64 uniform
-    per element (bernoulli_, on one core) and dropout is a third of a LoRA training step. This draws a
-    31-bit integer per element and keeps the element when it is below (1 - p) * 2^31: the same
-    distribution (to 2^-31), the same global generator and seeding, about 1.4x faster forward and
-    backward. Evaluation and other devices (CUDA's fused kernel) are plain nn.Dropout."""
+    per element (bernoulli_, on one core) and dropout is a large share of a LoRA training step. This takes
+    15 random bits per element, four elements from each 64-bit draw of the global generator (so the same
+    seeding), and keeps an element when its bits are below (1 - p) * 2^15: the same distribution with p
+    rounded to a multiple of 2^-15 (0.1 becomes 0.100006), for a quarter of the generator's work, about 2x
+    faster than one 31-bit draw per element and 4x faster than torch's mask (measured on a 2-core VM, a
+    555 x 3072 activation: 2.0 ms, 4.1 ms, 7.6 ms). Evaluation and other devices (CUDA's fused kernel)
+    are plain nn.Dropout."""
 
     def forward(self, x):
         if not self.training or x.device.type != "cpu" or not 0 < self.p < 1 or self.inplace:
             return super().forward(x)
         keep = 1.0 - self.p
-        bits = torch.empty(x.shape, dtype=torch.int32).random_()  # uniform on [0, 2^31)
-        return x * (bits < round(keep * 2 ** 31)).to(x.dtype).mul_(1.0 / keep)
+        n = x.numel()
+        draws = torch.empty((n + 3) // 4, dtype=torch.int64).random_()  # uniform on [0, 2^63)
+        bits = draws.view(torch.int16)[:n].view(x.shape) & 0x7FFF  # four uniform 15-bit numbers per draw
+        return x * (bits < round(keep * 2 ** 15)).to(x.dtype).mul_(1.0 / keep)
 
 
 class Linear(nn.Linear):
@@ -499,6 +504,17 @@ def mark_trainable(model, train_layernorm=True, head_names=("score",)):
             for p in m.parameters():
                 p.requires_grad_(True)
     return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def cast_frozen_linears(model, dtype):
+    """The frozen base layers of the adapters (LoRA's and IA3's) in dtype, for training under autocast to
+    dtype: autocast casts a weight that needs no gradient again at every forward (it caches only the casts of
+    trainable leaves), which for GPT-2 is a copy of every weight every step, a tenth of a bf16 CPU step. Cast
+    once, the products are the same (the same rounding of the same weights) and the base takes half the
+    memory. Only for autocast: outside it these layers want inputs in dtype."""
+    for m in adapter_modules(model):
+        if not any(p.requires_grad for p in m.base.parameters()):
+            m.base.to(dtype)
 
 
 # --------------------------------------------------------------------------- the student

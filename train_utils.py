@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import IGNORE
+from model import cast_frozen_linears
 from machine import distributed
 from utils import atomic_write
 
@@ -226,7 +227,8 @@ def data_parallel(model, device, params):
 
 def fit(model, train, dev, cfg, device, out_dir, loss_fn=ce_loss, amp_dtype=None, resume=False,
         on_epoch_end=None, on_best=None, stop_after_epoch=None, run_settings=None):
-    """Train the parameters of `model` that require grad; after each epoch evaluate on dev, append
+    """Train the parameters of `model` that require grad (under autocast to amp_dtype, if given: the frozen
+    base layers of the adapters are then kept in amp_dtype); after each epoch evaluate on dev, append
     the epoch's metrics to out_dir/metrics.jsonl, call on_epoch_end(history) (plots), call
     on_best(model, metrics) when dev MCC improves (save the adapter), and save out_dir/last.pt, from
     which resume=True continues with exactly the numbers an uninterrupted run gives. run_settings (a
@@ -235,6 +237,8 @@ def fit(model, train, dev, cfg, device, out_dir, loss_fn=ce_loss, amp_dtype=None
     out_dir = Path(out_dir)
     params = [p for p in model.parameters() if p.requires_grad]
     assert params, "nothing to train: every parameter is frozen"
+    if amp_dtype is not None:
+        cast_frozen_linears(model, amp_dtype)  # once, instead of autocast's cast at every step: the same products
     rank, world = distributed()
     main = rank == 0  # rank 0 alone prints and writes files; every rank holds the same parameters and history
     engine = data_parallel(model, device, params) if world > 1 else model

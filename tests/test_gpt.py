@@ -269,3 +269,19 @@ def test_linear_weight_first_path_equals_nn_linear():
     x = torch.randn(1, 48, requires_grad=True)
     layer(x).sum().backward()  # with gradients on, nn.Linear's own path: backward works as ever
     assert torch.allclose(x.grad, layer.weight.sum(0))
+
+
+def test_the_cpu_dropout_mask_has_dropouts_distribution_and_follows_the_seed():
+    from model import Dropout
+    drop = Dropout(0.1).train()
+    x = torch.ones(1000, 1001)  # an odd count: the last 64-bit draw is used in part
+    torch.manual_seed(0)
+    y = drop(x)
+    kept = y != 0
+    values = torch.unique(y).tolist()
+    assert len(values) == 2 and values[0] == 0.0 and values[1] == pytest.approx(1 / 0.9)
+    assert abs(kept.float().mean().item() - 0.9) < 0.002  # 1e6 elements: the std of the mean is 3e-4
+    assert abs(kept[:, 0].float().mean().item() - 0.9) < 0.05  # every position of a draw's four, alike
+    torch.manual_seed(0)
+    assert torch.equal(drop(x), y)  # the global generator's stream: seeded runs repeat
+    assert torch.equal(drop.eval()(x), x)
