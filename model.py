@@ -324,23 +324,27 @@ class GPTClassifier(GPT):
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """(B, V) logits -> (B,) next token ids. temperature 0 means greedy."""
+    """(B, V) logits -> (B,) next token ids. temperature 0 means greedy. With top_k the draw is among the
+    k likeliest tokens alone (k numbers to draw from, not the vocabulary's 50k: a draw over the whole
+    vocabulary took 0.7 ms of a 19 ms decoding step here, per row)."""
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits / temperature
+    candidates = None  # the token ids that logits' columns stand for, when not the whole vocabulary
     if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        logits, candidates = torch.topk(logits, top_k)  # sorted, likeliest first
     if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest set whose mass reaches top_p
-        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+        sorted_logits, order = (logits, None) if candidates is not None else torch.sort(logits, descending=True)
+        p = sorted_logits.softmax(-1)
+        drop = p.cumsum(-1) - p > top_p  # keep the smallest set whose mass reaches top_p
+        logits = logits.masked_fill(drop if order is None else drop.scatter(1, order, drop), float("-inf"))
     probs = logits.softmax(-1)
     if isinstance(generator, (list, tuple)):  # one generator per row: each row's draws its own
         assert len(generator) == probs.shape[0], "one generator per row"
-        return torch.cat([torch.multinomial(p[None], 1, generator=g)[0] for p, g in zip(probs, generator)])
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        picks = torch.cat([torch.multinomial(p[None], 1, generator=g) for p, g in zip(probs, generator)])
+    else:
+        picks = torch.multinomial(probs, 1, generator=generator)
+    return (picks if candidates is None else candidates.gather(1, picks)).squeeze(1)
 
 
 # --------------------------------------------------------------------------- adapters
