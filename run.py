@@ -702,9 +702,9 @@ def cmd_student(args):
     soft targets (and, with --augment, a transfer set that only the teacher labels)."""
     import functools
     import torch
-    from data import Examples, augment
+    from data import IGNORE, Examples, augment
     from model import DistilRNN, RNNConfig
-    from train_utils import IGNORE, classification_metrics, kd_loss, local_logits
+    from train_utils import classification_metrics, kd_loss, local_logits
     from backbones import load_any_tokenizer
     from machine import autocast_dtype, environment, is_main, pick_device, seed_everything
     from utils import RunLock, UserError, save_student, tokenizer_fingerprint, write_json

@@ -44,12 +44,13 @@ def ce_loss(logits, batch):
     labels = batch["labels"]
     labelled = labels != IGNORE
     total = batch.get("labelled_total")
-    if total is None and bool(labelled.all()):
-        return F.cross_entropy(logits.float(), labels)
-    if not bool(labelled.any()) or (total is not None and int(total) == 0):
+    if total is None:
+        if bool(labelled.all()):
+            return F.cross_entropy(logits.float(), labels)
+        total = labelled.sum()
+    if not bool(labelled.any()) or int(total) == 0:
         return logits.float().sum() * 0.0
-    ce = F.cross_entropy(logits.float()[labelled], labels[labelled], reduction="sum")
-    return ce / (labelled.sum() if total is None else total)
+    return F.cross_entropy(logits.float()[labelled], labels[labelled], reduction="sum") / total
 
 
 def kd_loss(logits, batch, temperature=2.0, alpha=0.5):

@@ -64,12 +64,13 @@ def gpt2_dir(tmp_path_factory):
 
 # --------------------------------------------------------------------------- the command line, as a user runs it
 
-def run(*args, env=None, cwd=ROOT):
-    """python run.py ARGS (from the repository root unless cwd is given), offline; returns the CompletedProcess."""
+def run(*args, env=None, cwd=ROOT, launcher=(), script=ROOT / "run.py", timeout=600):
+    """python [LAUNCHER] run.py ARGS (from the repository root unless cwd is given), offline; returns the
+    CompletedProcess. launcher: e.g. ("-m", "torch.distributed.run", ...) for torchrun."""
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                 "OMP_NUM_THREADS": "1", **(env or {})}  # one thread: tiny models, and no oversubscription
-    return subprocess.run([sys.executable, str(ROOT / "run.py"), *map(str, args)], cwd=cwd, env=full_env, capture_output=True,
-                          text=True, errors="replace", timeout=600)
+    return subprocess.run([sys.executable, *launcher, str(script), *map(str, args)], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, errors="replace", timeout=timeout)
 
 
 def ok(proc):

@@ -2,9 +2,6 @@
 (dropout off), only rank 0 writes, --resume under two processes is the uninterrupted run, the teacher-logit
 cache of distil is computed by both, and a failure ends the run at once with its error shown once."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -20,11 +17,9 @@ DATA = ["--data-dir", COLA_DIR, "--limit-train", 97, "--batch-size", 16]
 
 
 def torchrun(*args, nproc=2, script=ROOT / "run.py", env=None):
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-                "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                           str(nproc), str(script), *map(str, args)], cwd=ROOT, env=full_env, capture_output=True,
-                          text=True, errors="replace", timeout=300)
+    """torchrun --standalone --nproc_per_node NPROC SCRIPT ARGS, as conftest.run runs run.py."""
+    return run(*args, env=env, script=script, timeout=300,
+               launcher=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)))
 
 
 @pytest.fixture(scope="module")
