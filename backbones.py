@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from model import PRETRAINED, is_norm
-from utils import UserError
+from utils import UserError, quiet_library_bars
 
 
 # --------------------------------------------------------------------------- defaults per model family
@@ -183,19 +183,16 @@ def norm_names(model):
 @contextmanager
 def quiet_transformers():
     """transformers' warnings and load report (e.g. 'score.weight newly initialized') are replaced by
-    info['new_weights']; its progress bars (de-quantizing a GGUF) stay on a terminal."""
-    import sys
+    info['new_weights']; its progress bars (de-quantizing a GGUF, downloading) stay on a terminal only
+    (utils.quiet_library_bars)."""
     from transformers.utils import logging as hf_logging
-    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
-    if not sys.stderr.isatty():  # in a log, a progress bar is noise (train_utils.progress_bar)
-        hf_logging.disable_progress_bar()
+    quiet_library_bars()
     try:
         yield
     finally:
         hf_logging.set_verbosity(level)
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 def _source(name_or_dir, gguf_file):

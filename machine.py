@@ -5,6 +5,7 @@ import random
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from utils import UserError
 
@@ -123,16 +124,23 @@ def launched_world():
 def init_distributed(device):
     """Under torchrun with several processes: join their process group, nccl on CUDA (one GPU per local
     rank, see pick_device), gloo on the CPU. torchrun's environment (MASTER_ADDR, RANK, ...) says where."""
-    import torch.distributed as dist
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                             **({"device_id": device} if device.type == "cuda" else {}))
 
 
+def leave_distributed(together=True):
+    """Leave the process group of a multi-process run (nothing in one process). together: wait for the
+    others first (a process that exits while another still talks to it can abort that one)."""
+    if distributed()[1] > 1:
+        if together:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
 def distributed():
     """(rank, world size) of this process: (0, 1) unless it is one of several that torchrun started."""
-    import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -150,7 +158,13 @@ def broadcast_object(obj):
     rank, world = distributed()
     if world == 1:
         return obj
-    import torch.distributed as dist
     box = [obj if rank == 0 else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def peer_failed(e):
+    """Whether e is what a collective raises when another process of the run has died."""
+    text = str(e).lower()
+    return isinstance(e, getattr(dist, "DistError", ())) or any(
+        s in text for s in ("connection closed by peer", "connection reset by peer", "broken pipe", "nccl error"))

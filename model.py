@@ -3,7 +3,9 @@
 Read top to bottom: config -> attention -> MLP -> Block -> GPT (+ classifier) -> adapters -> the student.
 Everything here is plain PyTorch; files and the hub are utils.py's business.
 """
+import copy
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -55,23 +57,84 @@ class Dropout(nn.Dropout):
         return x * (bits < round(keep * 2 ** 15)).to(x.dtype).mul_(1.0 / keep)
 
 
+# A product of a few rows with a weight (a decoding step: one token per sequence) is bound by reading the
+# weight, and which kernel reads it fastest depends on the CPU: on a 2-core VM MKL's matrix-matrix kernel
+# with the weight first, W @ [x; 0]^T, took a step's matmuls from 34.8 ms (x @ W^T) to 20.0 ms; on a Xeon
+# with AVX-512 it takes twice as long as x @ W^T or the matrix-vector kernel (2304 x 768, one row, one
+# thread: 650 us against 320 us). So model.Linear times these paths on each weight shape the first time it
+# meets it and runs the fastest (fewrows_path). All compute the same sums in other orders: equal to float
+# rounding.
+
+def _linear(x, w, b):
+    return F.linear(x, w, b)
+
+
+def _weight_first(x, w, b):
+    rows = x.shape[0]
+    if rows == 1:  # one row would take the matrix-vector kernel again: pad it to two
+        x = torch.cat([x, x.new_zeros(1, x.shape[1])])
+    y = torch.addmm(b[:, None], w, x.t()) if b is not None else w @ x.t()
+    return y.t()[:rows]
+
+
+def _matrix_vector(x, w, b):
+    return (torch.addmv(b, w, x[0]) if b is not None else torch.mv(w, x[0]))[None]
+
+
+# name -> f(x (rows, in), weight (out, in), bias or None) -> (rows, out)
+FEWROWS_PATHS = {"x @ W^T": _linear, "W @ x^T": _weight_first, "matrix-vector": _matrix_vector}
+FEWROWS_CHOSEN = {}  # (out, in, bias?, rows, threads, dtype) -> the name of the fastest path, measured once
+
+
+def fewrows_candidates(rows):
+    return [name for name in FEWROWS_PATHS if rows == 1 or name != "matrix-vector"]
+
+
+def fewrows_timings(x, w, b, min_rounds=3, max_rounds=10, budget=0.02):
+    """{path name: its fastest time in seconds} for x (rows, in) with this weight and bias: the candidates
+    in turns (so that a busy spell of a shared machine slows them alike), after one untimed round that
+    allocates, for min_rounds, then on up to max_rounds while under `budget` seconds in all: milliseconds
+    for GPT-2's shapes, a few hundred for its 50257-row head."""
+    names = fewrows_candidates(x.shape[0])
+    best = dict.fromkeys(names, math.inf)
+    t_start = time.perf_counter()
+    for r in range(max_rounds + 1):
+        if r > min_rounds and time.perf_counter() - t_start > budget:
+            break
+        for name in names:
+            t0 = time.perf_counter()
+            FEWROWS_PATHS[name](x, w, b)
+            if r:
+                best[name] = min(best[name], time.perf_counter() - t0)
+    return best
+
+
+def fewrows_path(x, w, b):
+    """The name of the fastest path for x (rows, in) times this weight on this machine, measured the first
+    time its shape, row count, torch thread count and dtype occur in this process."""
+    key = (*w.shape, b is not None, x.shape[0], torch.get_num_threads(), w.dtype)
+    if key not in FEWROWS_CHOSEN:
+        timings = fewrows_timings(x, w, b)
+        fastest, default = min(timings, key=timings.get), "x @ W^T"
+        # nn.Linear's own path unless another is clearly faster: a near tie is the machine's noise.
+        FEWROWS_CHOSEN[key] = fastest if timings[fastest] < 0.95 * timings[default] else default
+    return FEWROWS_CHOSEN[key]
+
+
 class Linear(nn.Linear):
-    """nn.Linear, except for a few rows at inference on the CPU (a decoding step: one token per sequence),
-    where it computes (W @ x^T)^T. For one row MKL takes a matrix-vector path that reads GPT-2's weights at
-    about half the speed of its matrix-matrix path with the weight first (measured on a 2-core VM: a step's
-    matmuls 34.8 ms as x @ W^T, 20.0 ms as W @ [x; 0]^T), so one row is padded to two. The same sums in
-    another order: equal to float rounding. Training, long inputs and other devices take nn.Linear's path."""
-    SMALL = 8  # rows up to which the weight-first product wins here (measured to 8: 58 vs 54 ms)
+    """nn.Linear, except for a few rows at inference on the CPU, which take whichever of FEWROWS_PATHS this
+    machine runs fastest for the weight's shape (fewrows_path). Training, autocast, longer inputs and other
+    devices take nn.Linear's own path."""
+    SMALL = 8  # decoding's row counts (one per sequence); a prompt's prefill, run once, is nn.Linear's
 
     def forward(self, x):
         rows = x.numel() // max(1, x.shape[-1])
-        if not 0 < rows <= self.SMALL or torch.is_grad_enabled() or x.device.type != "cpu":
+        if (not 0 < rows <= self.SMALL or torch.is_grad_enabled() or x.device.type != "cpu"
+                or torch.is_autocast_enabled("cpu")):
             return super().forward(x)
         x2 = x.reshape(rows, x.shape[-1])
-        if rows == 1:
-            x2 = torch.cat([x2, x2.new_zeros(1, x2.shape[1])])
-        y = torch.addmm(self.bias[:, None], self.weight, x2.t()) if self.bias is not None else self.weight @ x2.t()
-        return y.t()[:rows].reshape(*x.shape[:-1], self.out_features)
+        y = FEWROWS_PATHS[fewrows_path(x2, self.weight, self.bias)](x2, self.weight, self.bias)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
 
 class CausalSelfAttention(nn.Module):
@@ -488,6 +551,236 @@ def remove_adapters(model):
             setattr(model.get_submodule(parent_name), child, m.base)
 
 
+# --------------------------------------------------------------------------- several adapters in one batch
+# Serving t tasks on one base model (serve.py): each row of a batch runs with its own adapter, none merged.
+# The rows come sorted by adapter, so each adapter's rows are one contiguous span: of the batch's rows (hidden
+# states (B, T, C), a pooled (B, C)) or of its packed real tokens ((N, C): GPTClassifier takes the padding out).
+# base(x) runs once over all rows; only the low-rank term, the IA3 scaling, a trained layer norm and the head
+# run per span, with the operations of one adapter alone (LoRALinear, IA3Linear): equal to float rounding.
+
+class Routing:
+    """The spans [(adapter name, first row, end row)] of the next forward, in row order and covering the
+    batch; given the rows' token counts, the same spans in packed tokens too."""
+
+    def __init__(self, spans, lengths=None):
+        self.rows = list(spans)
+        self.B = self.rows[-1][2] if self.rows else 0
+        self.tokens, self.N = None, None
+        if lengths is not None:
+            ends = [0, *torch.as_tensor(lengths).cumsum(0).tolist()]
+            self.tokens, self.N = [(n, ends[s], ends[e]) for n, s, e in self.rows], ends[-1]
+
+    def spans(self, x):
+        """The spans over x's first dimension: rows (B) or packed tokens (N; N == B only with one token a row,
+        where the two agree)."""
+        if x.shape[0] == self.B:
+            return self.rows
+        if self.tokens is not None and x.shape[0] == self.N:
+            return self.tokens
+        raise ValueError(f"a routed layer got {x.shape[0]} rows, not the batch's {self.B} rows or {self.N} tokens")
+
+
+class MultiAdapterLinear(nn.Module):
+    """A frozen linear layer with several named adapters beside it (LoRA of any rank, IA3), none merged:
+    base(x) once for every row, then each span of rows gets its own adapter's term. Without a routing (or
+    for an adapter that does not adapt this layer) it is the base layer."""
+
+    def __init__(self, base):
+        super().__init__()
+        self.base = base
+        self.lora = {}     # name -> (A (r, in), B (out, r), scaling)
+        self.ia3 = {}      # name -> (vector, feedforward)
+        self.routing = None
+
+    def add_lora(self, name, A, B, scaling):
+        assert A.shape[1] == self.base.in_features and B.shape == (self.base.out_features, A.shape[0])
+        self.lora[name] = (A, B, scaling)
+
+    def add_ia3(self, name, vector, feedforward):
+        assert vector.shape == ((self.base.in_features if feedforward else self.base.out_features),)
+        self.ia3[name] = (vector, feedforward)
+
+    def remove(self, name):
+        self.lora.pop(name, None)
+        self.ia3.pop(name, None)
+
+    def forward(self, x):
+        spans = self.routing.spans(x) if self.routing is not None else ()
+        scaled_input = [(self.ia3[n][0], s, e) for n, s, e in spans if n in self.ia3 and self.ia3[n][1]]
+        if scaled_input:  # IA3 of a feed-forward layer scales its input, as IA3Linear does
+            x_in = x.clone()
+            for vector, s, e in scaled_input:
+                x_in[s:e] *= vector
+        y = self.base(x_in if scaled_input else x)
+        for n, s, e in spans:
+            if n in self.lora:
+                A, B, scaling = self.lora[n]
+                delta = F.linear(F.linear(x[s:e], A), B)
+                y[s:e] += delta if scaling == 1 else delta * scaling
+            elif n in self.ia3 and not self.ia3[n][1]:
+                y[s:e] *= self.ia3[n][0]
+        return y
+
+    def extra_repr(self):
+        return f"lora={sorted(self.lora)}, ia3={sorted(self.ia3)}"
+
+
+class MultiModule(nn.Module):
+    """A module that adapters train and save whole (peft's modules_to_save: a layer norm, the classification
+    head) with one copy per adapter: each span of rows runs through its adapter's copy, or the base module for
+    an adapter that did not train it. Heads of different label counts give rows of different widths: the
+    narrower are padded with -inf, which softmax turns into probability 0."""
+
+    def __init__(self, base):
+        super().__init__()
+        self.base = base
+        self.copies = {}   # name -> the adapter's copy of base
+        self.routing = None
+
+    @property
+    def weight(self):  # for code that reads a layer norm's or a head's weight directly
+        return self.base.weight
+
+    @property
+    def bias(self):
+        return self.base.bias
+
+    def remove(self, name):
+        self.copies.pop(name, None)
+
+    def forward(self, x):
+        spans = self.routing.spans(x) if self.routing is not None else ()
+        if not any(n in self.copies for n, _, _ in spans):
+            return self.base(x)
+        outs = [self.copies.get(n, self.base)(x[s:e]) for n, s, e in spans]
+        width = max(o.shape[-1] for o in outs)
+        outs = [o if o.shape[-1] == width else F.pad(o, (0, width - o.shape[-1]), value=float("-inf")) for o in outs]
+        return torch.cat(outs)
+
+    def extra_repr(self):
+        return f"copies={sorted(self.copies)}"
+
+
+ROUTED = (MultiAdapterLinear, MultiModule)
+
+
+def _set_module(model, name, module):
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def add_adapter(model, name, settings, tensors, head_names=("score",)):
+    """Add adapter `name` to `model` for mixed batches: settings and tensors as utils.read_adapter gives them
+    (kind, target_modules, feedforward_modules, r, lora_alpha, use_rslora; {our parameter name: tensor}), its
+    layer norms and head (modules_to_save) kept as its own copies. Everything is checked before anything
+    changes: ValueError (the model as it was) when the adapter does not fit. Returns its number of parameters."""
+    kind, targets = settings["kind"], settings["target_modules"]
+    feedforward = settings.get("feedforward_modules") or ()
+    r, alpha = settings.get("r", 4), settings.get("lora_alpha", 4)
+    scaling = alpha / math.sqrt(r) if settings.get("use_rslora") else alpha / r
+    modules = dict(model.named_modules())
+    layers = [n for n, m in modules.items() if _matches(n, targets) and (
+        isinstance(m, MultiAdapterLinear) or isinstance(m, nn.Linear) and not isinstance(m, ADAPTERS))]
+    if not layers:
+        linears = sorted({n.split(".")[-1] for n, m in modules.items() if isinstance(m, nn.Linear)})
+        raise ValueError(f"no linear layer matches its target modules {list(targets)}; this model's linear layers "
+                         f"end in {linears}")
+    wanted = {}  # tensor name -> expected shape
+    for n in layers:
+        base = modules[n].base if isinstance(modules[n], MultiAdapterLinear) else modules[n]
+        if kind == "lora":
+            wanted[f"{n}.lora_A"] = (r, base.in_features)
+            wanted[f"{n}.lora_B"] = (base.out_features, r)
+        else:
+            wanted[f"{n}.ia3_l"] = (base.in_features if _matches(n, feedforward) else base.out_features,)
+    saved = {}  # module name -> {parameter name: tensor}: the adapter's own layer norms and head
+    for key, t in tensors.items():
+        if key in wanted:
+            if tuple(t.shape) != wanted[key]:
+                raise ValueError(f"its tensor {key} has shape {tuple(t.shape)}, this model's layer wants "
+                                 f"{wanted[key]}: it belongs to another model size")
+            continue
+        module, _, param = key.rpartition(".")
+        own = modules.get(module)
+        own = own.base if isinstance(own, MultiModule) else own
+        if own is None or not isinstance(getattr(own, param, None), nn.Parameter):
+            raise ValueError(f"its tensor {key} has no place in this model: it was trained on another architecture")
+        expected = tuple(getattr(own, param).shape)
+        head = module.split(".")[0] in head_names
+        if tuple(t.shape) != expected and not (head and t.shape[1:] == expected[1:]):  # a head: any label count
+            raise ValueError(f"its tensor {key} has shape {tuple(t.shape)}, this model's wants {expected}: it "
+                             f"belongs to another model size")
+        saved.setdefault(module, {})[param] = t
+    lost = sorted(set(wanted) - set(tensors))
+    if lost:
+        raise ValueError(f"it lacks {len(lost)} of its adapter tensors (e.g. {lost[0]}): the file is incomplete")
+    for module, params in saved.items():
+        own = modules[module].base if isinstance(modules[module], MultiModule) else modules[module]
+        missing = [p for p, _ in own.named_parameters(recurse=False) if p not in params]
+        if missing:
+            raise ValueError(f"it holds {module}.{next(iter(params))} but not {module}.{missing[0]}")
+    heads = [h for h in head_names if h in modules and any(True for _ in modules[h].parameters())]
+    if not heads or any(not any(m == h or m.startswith(h + ".") for m in saved) for h in heads):
+        raise ValueError(f"it holds no classification head ({', '.join(h + '.weight' for h in head_names)}): it was "
+                         f"not trained for sequence classification")
+
+    for n in layers:  # the checks passed: install
+        layer = modules[n]
+        if not isinstance(layer, MultiAdapterLinear):
+            layer = MultiAdapterLinear(layer)
+            _set_module(model, n, layer)
+        w = layer.base.weight
+        get = lambda key: tensors[key].to(w.device, w.dtype)  # noqa: E731
+        if kind == "lora":
+            layer.add_lora(name, get(f"{n}.lora_A"), get(f"{n}.lora_B"), scaling)
+        else:
+            layer.add_ia3(name, get(f"{n}.ia3_l"), _matches(n, feedforward))
+    for module, params in saved.items():
+        wrapper = modules[module]
+        if not isinstance(wrapper, MultiModule):
+            wrapper = MultiModule(wrapper)
+            _set_module(model, module, wrapper)
+        own = copy.deepcopy(wrapper.base).eval()
+        for p, t in params.items():
+            old = getattr(own, p)
+            setattr(own, p, nn.Parameter(t.to(old.device, old.dtype), requires_grad=False))
+        wrapper.copies[name] = own
+    return sum(t.numel() for t in tensors.values())
+
+
+def remove_adapter(model, name):
+    """Take adapter `name` out of every routed layer (the layers stay, for the other adapters)."""
+    for m in model.modules():
+        if isinstance(m, ROUTED):
+            m.remove(name)
+
+
+def rename_adapter(model, old, new):
+    """Adapter `old` goes by `new` in every routed layer (serve.py adds a replacement beside the adapter it
+    replaces, under another name, so that a replacement that does not fit leaves the old one in place)."""
+    for m in model.modules():
+        tables = (m.lora, m.ia3) if isinstance(m, MultiAdapterLinear) else (m.copies,) if isinstance(m, MultiModule) \
+            else ()
+        for table in tables:
+            if old in table:
+                table[new] = table.pop(old)
+
+
+class routed:
+    """with routed(model, Routing(...)): the next forwards run each span of rows with its own adapter."""
+
+    def __init__(self, model, routing):
+        self.layers, self.routing = [m for m in model.modules() if isinstance(m, ROUTED)], routing
+
+    def __enter__(self):
+        for m in self.layers:
+            m.routing = self.routing
+
+    def __exit__(self, *exc):
+        for m in self.layers:
+            m.routing = None
+
+
 def is_norm(module):
     """A layer norm, ours or a transformers model's: nn.LayerNorm and nn.RMSNorm, or a class of its own whose
     name says so (LlamaRMSNorm, T5LayerNorm, ... subclass nothing but nn.Module)."""
@@ -534,6 +827,7 @@ class RNNConfig:
     bidirectional: bool = True
     pool: str = "max"            # last (final hidden states), mean or max over the real tokens
     dropout: float = 0.2
+    rows: int = 0                # embedding rows: 0 = one per token id; else a vocabulary cut to the data
 
 
 class DistilRNN(nn.Module):
@@ -545,16 +839,34 @@ class DistilRNN(nn.Module):
         assert config.rnn_type in ("gru", "lstm", "rnn"), f"unknown rnn_type {config.rnn_type!r}"
         assert config.pool in ("last", "mean", "max"), f"unknown pool {config.pool!r}"
         self.config = config
-        self.embed = nn.Embedding(config.vocab_size, config.emb_dim)
+        self.embed = nn.Embedding(config.rows or config.vocab_size, config.emb_dim)
+        if config.rows:
+            # The vocabulary cut to the data: tokenizer id -> embedding row (0, the unknown token, for the ids
+            # the data never had). A buffer, so it is saved in student.safetensors and applied wherever the
+            # student runs: the tokenizer's ids go in, as for a full-vocabulary student.
+            self.register_buffer("vocab_map", torch.zeros(config.vocab_size, dtype=torch.int32))
         rnn = {"gru": nn.GRU, "lstm": nn.LSTM, "rnn": nn.RNN}[config.rnn_type]
         self.rnn = rnn(config.emb_dim, config.hidden, num_layers=config.n_layers, batch_first=True,
                        bidirectional=config.bidirectional, dropout=config.dropout if config.n_layers > 1 else 0.0)
         self.dropout = nn.Dropout(config.dropout)
         self.score = nn.Linear(config.hidden * (2 if config.bidirectional else 1), config.num_labels)
 
+    def keep_tokens(self, token_ids):
+        """Cut the vocabulary to token_ids (config.rows - 1 distinct ids): each gets a row, in order, after the
+        unknown token's row 0, which starts at zero (no token of the data trains it: an unseen token adds
+        nothing to the sentence)."""
+        kept = torch.as_tensor(sorted(token_ids), dtype=torch.long)
+        assert self.config.rows == len(kept) + 1, f"{len(kept)} tokens for {self.config.rows - 1} rows"
+        with torch.no_grad():
+            self.vocab_map.zero_()
+            self.vocab_map[kept] = torch.arange(1, len(kept) + 1, dtype=torch.int32)
+            self.embed.weight[0].zero_()
+
     def forward(self, idx, attention_mask=None):
         if attention_mask is None:
             attention_mask = torch.ones_like(idx)
+        if self.config.rows:
+            idx = self.vocab_map[idx].long()
         mask = attention_mask.bool()
         # Move each row's real tokens to the front, in order (a stable sort): left padding becomes right
         # padding, which is what pack_padded_sequence expects.

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 
 from train_utils import comparison_table, markdown_table, sweep_table
-from utils import UserError, atomic_write
+from utils import UserError, atomic_write, check_writable
 
 
 # --------------------------------------------------------------------------- one run
@@ -59,13 +59,21 @@ def read_run(run_dir):
     return None if problems or config is None or not history else (config, history)
 
 
+def readable_run(run_dir):
+    """(run_config, the epochs of metrics.jsonl that can be read) of a run, or None without a readable
+    run_config.json or epoch: for the tables, which show what can be read (inspect_run names the rest)."""
+    config, history, _ = inspect_run(run_dir)
+    return None if config is None or not history else (config, history)
+
+
 def best(history):
     return max(history, key=lambda r: r["dev_mcc"])
 
 
 def sweep_row(name, run_dir):
-    """One configuration of a sweep, as write_sweep's table wants it, or None if it has not finished."""
-    run = read_run(run_dir)
+    """One configuration of a sweep, as write_sweep's table wants it (its epochs that can be read), or None
+    if it has not finished one."""
+    run = readable_run(run_dir)
     if run is None:
         return None
     config, history = run
@@ -81,20 +89,24 @@ def sweep_row(name, run_dir):
 
 def comparison_rows(models_dir, sr):
     """The teacher, KD student and scratch student rows of write_comparison (each student over the seeds
-    of its --seeds group), or None until distil_<SR> and rnn_<SR> both exist."""
-    runs = {m: read_run(Path(models_dir) / f"{m}_{sr}") for m in ("distil", "rnn")}
+    of its --seeds group; row["dirs"]: the runs read), or None until distil_<SR> and rnn_<SR> both exist.
+    A run's damaged lines of metrics.jsonl are left out: its row shows the epochs that can be read."""
+    runs = {m: readable_run(Path(models_dir) / f"{m}_{sr}") for m in ("distil", "rnn")}
     if None in runs.values():
         return None
     teacher = runs["distil"][0]["teacher"]
-    teacher_run = read_run(Path(teacher["dir"]))
+    teacher_run = readable_run(Path(teacher["dir"]))
     t_seconds = sum(r.get("train_seconds", 0) for r in teacher_run[1]) if teacher_run else 0
     rows = [{"name": f"teacher: LoRA {Path(teacher['base']).name}", "params": teacher["parameters"],
              "acc": [teacher["dev_acc"]], "mcc": [teacher["dev_mcc"]], "train_seconds": [t_seconds or None],
-             "sentences_per_s": [teacher["sentences_per_s"]], "history": teacher_run[1] if teacher_run else []}]
+             "sentences_per_s": [teacher["sentences_per_s"]], "history": teacher_run[1] if teacher_run else [],
+             "dirs": [Path(teacher["dir"])]}]
     for mode, name in (("distil", "KD student (distil)"), ("rnn", "scratch student (rnn)")):
-        row = {"name": name, "acc": [], "mcc": [], "train_seconds": [], "sentences_per_s": [], "seeds": []}
+        row = {"name": name, "acc": [], "mcc": [], "train_seconds": [], "sentences_per_s": [], "seeds": [],
+               "dirs": []}
         for seed in runs[mode][0].get("seed_group", [sr]):
-            run = read_run(Path(models_dir) / f"{mode}_{seed}")
+            row["dirs"].append(Path(models_dir) / f"{mode}_{seed}")
+            run = readable_run(row["dirs"][-1])
             if run is None:
                 continue
             config, history = run
@@ -126,6 +138,9 @@ class Page:
     def table(self, columns, cells):
         self.blocks.append(("table", columns, cells))
 
+    def items(self, lines):
+        self.blocks.append(("list", lines))
+
     def image(self, path, alt):
         self.blocks.append(("img", Path(path), alt))
 
@@ -138,6 +153,8 @@ class Page:
                 lines += [rest[0], ""]
             elif kind == "table":
                 lines += [*markdown_table(*rest), ""]
+            elif kind == "list":
+                lines += [*(f"- {item}" for item in rest[0]), ""]
             elif rest[0].is_file():
                 lines += [f"![{rest[1]}]({Path(os.path.relpath(rest[0], out_dir)).as_posix()})", ""]
             else:
@@ -161,6 +178,8 @@ class Page:
                 rows = "".join("<tr>" + "".join(f"<td>{inline(f'{v:,}' if isinstance(v, int) else str(v))}</td>"
                                                 for v in row) + "</tr>" for row in rest[1])
                 body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
+            elif kind == "list":
+                body.append("<ul>" + "".join(f"<li>{inline(item)}</li>" for item in rest[0]) + "</ul>")
             elif rest[0].is_file():  # embedded, so the page opens anywhere, offline
                 data = base64.b64encode(rest[0].read_bytes()).decode()
                 body.append(f'<p><img alt="{html.escape(rest[1])}" src="data:image/png;base64,{data}"></p>')
@@ -270,12 +289,20 @@ def build_report(sr, models_dir, plots_dir):
         page.p("Best epoch (by dev MCC) of each run; mean ± standard deviation over the seeds of `--seeds`; the "
                f"majority class scores accuracy {runs['distil'][0]['majority_acc']:.4f}, MCC 0.")
         page.table(*comparison_table(rows))
+        damaged = [d for row in rows for d in row["dirs"] if d.is_dir() and inspect_run(d)[2]]  # gone: missing
+        if damaged:
+            page.p(f"**Note:** {', '.join(f'`{d}`' for d in damaged)}: missing or damaged files (see Missing and "
+                   f"damaged below); the table shows the epochs that can be read.")
+            problems += [problem for d in damaged for problem in inspect_run(d)[2]]
         page.image(plots_dir / f"compare_{sr}.png", "teacher vs KD student vs scratch student")
         if runs["distil"][0]["student"] != runs["rnn"][0]["student"]:
             page.p("**Note:** the two students differ in architecture; the comparison is not like for like.")
+    elif all(d.is_dir() for d in student_dirs.values()):
+        page.p(f"No comparison: {' or '.join(f'`{d}`' for d in student_dirs.values())} has no readable "
+               f"run_config.json or epoch (see Missing and damaged below).")
     for mode, make in (("distil", f"`python run.py distil {sr}` (after LoRA)"), ("rnn", f"`python run.py rnn {sr}`")):
-        first = read_run(student_dirs[mode])
-        seeds = first[0].get("seed_group", [sr]) if first else [sr]
+        first = inspect_run(student_dirs[mode])[0]
+        seeds = first.get("seed_group", [sr]) if first else [sr]
         if not student_dirs[mode].is_dir():
             missing.append(f"{mode}: {make} writes `{student_dirs[mode]}/`")
             page.p(f"Not run: {make} writes `{student_dirs[mode]}/`.")
@@ -301,13 +328,13 @@ def build_report(sr, models_dir, plots_dir):
             page.table(*sweep_table(rows))
             page.image(plots_dir / f"sweep_{sr}.png", "dev accuracy per epoch, every configuration")
             for row in rows:
-                run_section(page, f"sweep_{sr}/{row['name']}", sweep_dir / row["name"],
-                            plots_dir / f"sweep_{sr}_{row['name']}", describe_adapter)
+                problems += run_section(page, f"sweep_{sr}/{row['name']}", sweep_dir / row["name"],
+                                        plots_dir / f"sweep_{sr}_{row['name']}", describe_adapter)[2]
 
+    problems = list(dict.fromkeys(problems))  # a run's problem is said once, however many tables read it
     if missing or problems:
         page.h(2, "Missing and damaged")
-        for line in missing + problems:
-            page.p(f"- {line}")
+        page.items(missing + problems)
     return page, problems, missing
 
 
@@ -320,3 +347,14 @@ def write_report(sr, models_dir="models", plots_dir="plots", out_dir="reports"):
     atomic_write(md, lambda tmp: Path(tmp).write_text(text))
     atomic_write(page_html, lambda tmp: Path(tmp).write_text(markup))
     return md, page_html, problems, missing
+
+
+def report(args):
+    """`run.py report SR`: the page written, with what is missing or damaged said on the terminal too."""
+    check_writable([("--out-dir", args.out_dir)])
+    md, page, problems, missing = write_report(args.SR, args.models_dir, args.plots_dir, args.out_dir)
+    for line in missing:
+        print(f"missing: {line.replace('`', '')}")
+    for line in problems:
+        print(f"warning: {line}")
+    print(f"report: {md} and {page} (self-contained: open it in any browser)")

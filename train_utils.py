@@ -1,6 +1,7 @@
 """One training loop for every mode (LoRA, distil, rnn), the losses, the metrics and the plots."""
 import json
 import math
+import os
 import sys
 import time
 from contextlib import nullcontext
@@ -53,21 +54,29 @@ def ce_loss(logits, batch):
     return F.cross_entropy(logits.float()[labelled], labels[labelled], reduction="sum") / total
 
 
-def kd_loss(logits, batch, temperature=2.0, alpha=0.5):
-    """Hinton et al.'s distillation loss, alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE,
-    where x_T = softmax(logits / T). The KL is the teacher's expectation of log(p_teacher / p_student),
-    summed over the classes and averaged over the sentences (all of them: transfer-set sentences have
-    no label, so the CE averages over the labelled ones only). The soft term's gradient with respect to
-    the student's logits is T * (p_student - p_teacher) / batch, which shrinks like 1/T for large T:
-    T^2 brings it back to the hard term's scale, so alpha means the same at every temperature."""
-    t = temperature
-    log_p_student = F.log_softmax(logits.float() / t, -1)
-    log_p_teacher = F.log_softmax(batch["teacher_logits"].float() / t, -1)
-    kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(-1)
-    kl = kl.mean() if "n_total" not in batch else kl.sum() / batch["n_total"]  # over the whole batch (ce_loss)
+def kd_loss(logits, batch, temperature=2.0, alpha=0.5, loss="kl"):
+    """The distillation loss, alpha * soft + (1 - alpha) * CE, with one of two soft terms:
+    loss="kl", Hinton et al.'s T^2 * KL(teacher_T || student_T), where x_T = softmax(logits / T). The KL is
+    the teacher's expectation of log(p_teacher / p_student), summed over the classes. Its gradient with
+    respect to the student's logits is T * (p_student - p_teacher) / batch, which shrinks like 1/T for
+    large T: T^2 brings it back to the hard term's scale, so alpha means the same at every temperature.
+    loss="mse", Tang et al. (2019)'s mean squared error between the logits themselves, averaged over the
+    classes: it matches the teacher's margins, not only its probabilities (no temperature).
+    Both are averaged over the sentences (all of them: transfer-set sentences have no label, so the CE
+    averages over the labelled ones only)."""
+    assert loss in ("kl", "mse"), f"unknown soft loss {loss!r}"
+    teacher = batch["teacher_logits"].float()
+    if loss == "mse":
+        soft = ((logits.float() - teacher) ** 2).mean(-1)
+    else:
+        t = temperature
+        log_p_student = F.log_softmax(logits.float() / t, -1)
+        log_p_teacher = F.log_softmax(teacher / t, -1)
+        soft = t * t * (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(-1)
+    soft = soft.mean() if "n_total" not in batch else soft.sum() / batch["n_total"]  # over the whole batch (ce_loss)
     if alpha == 1:
-        return t * t * kl
-    return alpha * t * t * kl + (1 - alpha) * ce_loss(logits, batch)
+        return soft
+    return alpha * soft + (1 - alpha) * ce_loss(logits, batch)
 
 
 # --------------------------------------------------------------------------- progress
@@ -355,11 +364,79 @@ def fit(model, train, dev, cfg, device, out_dir, loss_fn=ce_loss, amp_dtype=None
     return history
 
 
+def print_config(args):
+    print("configuration: " + ", ".join(f"{k}={v}" for k, v in vars(args).items() if k != "command"), flush=True)
+
+
+def train_run(args, name, model, train, dev, majority, out_dir, save_best, run_settings, title, device, amp,
+              loss_fn=None, seed=None):
+    """What every training mode shares once its model, data and loss exist: the optimiser settings from
+    the flags, fit() with the best checkpoint saved by save_best(model, row) (which returns what to say),
+    plots redrawn every epoch, and the closing summary. Returns the history."""
+    seed = args.SR if seed is None else seed
+    cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, weight_decay=args.weight_decay,
+                      warmup_ratio=args.warmup_ratio, grad_clip=args.grad_clip, seed=seed,
+                      group_by_length=args.group_by_length)
+    prefix = Path(args.plots_dir) / name
+    t0 = time.time()
+    history = fit(model, train, dev, cfg, device, out_dir, loss_fn=loss_fn or ce_loss, amp_dtype=amp,
+                  resume=args.resume, on_best=lambda m, row: print(save_best(m, row)),
+                  on_epoch_end=lambda h: write_plots(h, prefix, title, baseline_acc=majority),
+                  run_settings=run_settings,
+                  # For the tests: end the run after that epoch, as a run killed then would leave it.
+                  stop_after_epoch=int(os.environ.get("RUN_PY_STOP_AFTER_EPOCH", "0")) or None)
+    best = max(history, key=lambda r: r["dev_mcc"])
+    print(f"done in {time.time() - t0:.0f} s. Best epoch {best['epoch']}: dev accuracy {best['dev_acc']:.4f}, "
+          f"MCC {best['dev_mcc']:.4f} (majority baseline {majority:.4f}, MCC 0). Saved: {out_dir}/; plots: "
+          f"{prefix}_loss.png, {prefix}_acc.png; metrics: {out_dir}/metrics.jsonl", flush=True)
+    return history
+
+
 def write_metrics(path, history):
     atomic_write(path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in history)))
 
 
 # --------------------------------------------------------------------------- plots
+
+def epoch_axis(ax):
+    """An x axis of whole epochs. MaxNLocator keeps to integers only where it finds two in view, so a
+    one-epoch run's axis read 0.945 ... 1.050: one integer tick is enough."""
+    from matplotlib.ticker import MaxNLocator
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+
+
+DPI = 110  # of the PNGs, and of the figures: a title is measured as it will be drawn (figure_title)
+
+
+def figure_title(fig, title, fontsize=10, margin=0.03):
+    """The figure's title, centred and wrapped to the figure's width: a run's title (its settings) can be
+    longer than a plot is wide. Lines break at spaces; a word wider than the figure (a long file name)
+    breaks where it must."""
+    text = fig.suptitle(title, fontsize=fontsize)
+    renderer, width = fig.canvas.get_renderer(), fig.bbox.width * (1 - 2 * margin)
+
+    def fits(line):
+        text.set_text(line)
+        return text.get_window_extent(renderer).width <= width
+
+    lines, line = [], ""
+    for word in title.split():
+        if fits(f"{line} {word}" if line else word):
+            line = f"{line} {word}" if line else word
+            continue
+        if line:
+            lines.append(line)
+        while not fits(word):
+            n = 1
+            while n < len(word) and fits(word[:n + 1]):
+                n += 1
+            lines.append(word[:n])
+            word = word[n:]
+        line = word
+    text.set_text("\n".join([*lines, line]))
+    return text
+
 
 def write_plots(history, prefix, title, baseline_acc=None):
     """prefix_loss.png (train/dev loss) and prefix_acc.png (train/dev accuracy and dev MCC), rewritten
@@ -367,27 +444,25 @@ def write_plots(history, prefix, title, baseline_acc=None):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
 
     epochs = [r["epoch"] for r in history]
     paths = []
     for kind, series in (("loss", [("train_loss", "train loss"), ("dev_loss", "dev loss")]),
                          ("acc", [("train_acc", "train accuracy"), ("dev_acc", "dev accuracy"),
                                   ("dev_mcc", "dev MCC")])):
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+        fig, ax = plt.subplots(figsize=(7, 4.5), dpi=DPI)
         for key, label in series:
             ax.plot(epochs, [r[key] for r in history], marker="o", label=label)
         if kind == "acc" and baseline_acc is not None:
             ax.axhline(baseline_acc, color="grey", linestyle="--", label=f"majority class ({baseline_acc:.3f})")
-        ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        epoch_axis(ax)
         ax.set_ylabel("loss" if kind == "loss" else "accuracy / MCC")
-        ax.set_title(title, fontsize=10)
+        figure_title(fig, title)
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
         path = Path(f"{prefix}_{kind}.png")
-        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=DPI))
         plt.close(fig)
         paths.append(path)
     return paths
@@ -437,14 +512,13 @@ def write_comparison(prefix, rows, baseline_acc, title):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
 
     lines = [f"# {title}", "",
              f"Best epoch (by dev MCC) of each run; the majority class scores accuracy {baseline_acc:.4f}, MCC 0.",
              "", *markdown_table(*comparison_table(rows))]
     atomic_write(f"{prefix}.md", lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), dpi=DPI)
     for ax, key, label in ((axes[0], "dev_acc", "dev accuracy"), (axes[1], "dev_mcc", "dev MCC")):
         for r in rows:
             ax.plot([h["epoch"] for h in r["history"]], [h[key] for h in r["history"]], marker="o", label=r["name"])
@@ -452,14 +526,13 @@ def write_comparison(prefix, rows, baseline_acc, title):
             ax.axhline(baseline_acc, color="grey", linestyle="--", label=f"majority class ({baseline_acc:.3f})")
         else:
             ax.axhline(0.0, color="grey", linestyle="--", label="majority class (MCC 0)")
-        ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        epoch_axis(ax)
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
+    figure_title(fig, title)
     fig.tight_layout()
-    atomic_write(f"{prefix}.png", lambda tmp: fig.savefig(tmp, dpi=110))
+    atomic_write(f"{prefix}.png", lambda tmp: fig.savefig(tmp, dpi=DPI))
     plt.close(fig)
     return Path(f"{prefix}.md"), Path(f"{prefix}.png")
 
@@ -473,7 +546,6 @@ def write_sweep(prefix, rows, title):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
 
     columns, table = sweep_table(rows)
     lines = [f"# {title}", "", "Best epoch (by dev MCC) of each configuration.", "", *markdown_table(columns, table)]
@@ -482,16 +554,15 @@ def write_sweep(prefix, rows, title):
     csv.writer(buffer).writerows([columns, *table])
     atomic_write(f"{prefix}.csv", lambda tmp: Path(tmp).write_text(buffer.getvalue()))
 
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=DPI)
     for r in rows:
         ax.plot([h["epoch"] for h in r["history"]], [h["dev_acc"] for h in r["history"]], marker="o", label=r["name"])
-    ax.set_xlabel("epoch")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    epoch_axis(ax)
     ax.set_ylabel("dev accuracy")
-    ax.set_title(title, fontsize=10)
+    figure_title(fig, title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    atomic_write(f"{prefix}.png", lambda tmp: fig.savefig(tmp, dpi=110))
+    atomic_write(f"{prefix}.png", lambda tmp: fig.savefig(tmp, dpi=DPI))
     plt.close(fig)
     return Path(f"{prefix}.md"), Path(f"{prefix}.csv"), Path(f"{prefix}.png")

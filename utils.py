@@ -107,6 +107,41 @@ def write_json(path, obj):
 
 # --------------------------------------------------------------------------- GPT-2 files and the hub
 
+def quiet_library_bars():
+    """Off a terminal (a log file, CI, nohup, 2>&1 | tee), turn off the progress bars of huggingface_hub
+    (downloads), transformers (loading, a GGUF's de-quantizing) and datasets: each redraws dozens of times
+    into a log, where ours write one line every 30 s (train_utils.progress_bar). On a terminal they stay
+    on, and so do they where the user set HF_HUB_DISABLE_PROGRESS_BARS / HF_DATASETS_DISABLE_PROGRESS_BARS.
+    For the whole process; datasets only once imported (it is slow to import): call this after importing it.
+    Returns whether this stderr is a log (the bars are off)."""
+    import sys
+    if getattr(sys.stderr, "isatty", lambda: False)():
+        return False
+    from transformers import modeling_gguf_pytorch_utils as gguf_loading
+    from transformers.utils import logging as hf_logging
+    if "HF_HUB_DISABLE_PROGRESS_BARS" not in os.environ:  # the user's choice, else the libraries warn
+        hf_logging.disable_progress_bar()  # and huggingface_hub's
+    # The GGUF converter draws its bar with tqdm itself: give it transformers' bar, which obeys the switch.
+    gguf_loading.tqdm = hf_logging.tqdm
+    datasets = sys.modules.get("datasets")
+    if datasets is not None and "HF_DATASETS_DISABLE_PROGRESS_BARS" not in os.environ:
+        datasets.disable_progress_bars()
+    return True
+
+
+def check_writable(dirs):
+    """A bad output path must fail now, not after an hour of training (and without creating anything)."""
+    for flag, d in dirs:
+        if d is None:
+            continue
+        existing = Path(d).resolve()
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.is_dir() or not os.access(existing, os.W_OK):
+            raise UserError(f"{flag} {d}: cannot write a directory there ({existing} is "
+                            f"{'not a directory' if not existing.is_dir() else 'not writable'}); choose another path.")
+
+
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json")
 
@@ -134,6 +169,7 @@ def resolve_model_dir(name_or_dir):
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
     if not offline:
         print(f"[{name_or_dir}] not in the Hugging Face cache; downloading {repo} from the hub ...", flush=True)
+        quiet_library_bars()
         try:
             return Path(snapshot_download(repo, allow_patterns=patterns))
         except Exception as e:
@@ -415,7 +451,8 @@ def save_student(model, out_dir, extras):
     from dataclasses import asdict
     from safetensors.torch import save_file
     out_dir = Path(out_dir)
-    state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = {k: (v.float() if v.is_floating_point() else v).detach().cpu().contiguous()  # vocab_map stays int
+             for k, v in model.state_dict().items()}
     atomic_write(out_dir / STUDENT_WEIGHTS, lambda tmp: save_file(state, tmp))
     write_json(out_dir / "run_config.json", {"student": asdict(model.config), **extras})
     return out_dir / STUDENT_WEIGHTS

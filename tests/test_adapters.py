@@ -12,6 +12,10 @@ from utils import UserError, adapter_settings, attach_adapter, load_gpt, read_ad
 
 PAD = 50256  # GPT-2's EOS, the pad token of GPT2ForSequenceClassification here
 LAYERNORMS = ["ln_1", "ln_2", "ln_f"]
+# Logits of the tiny models here (|x| <= 1) after two layers of float32 sums of <= 256 terms: two computations of
+# them in different orders (ours and transformers' or peft's, merged and not, padded and alone) differ by a few
+# ulps, ~1e-7 (measured <= 3e-7); a wrong weight, mask or adapter moves them by > 1e-3.
+LOGITS = dict(rtol=1e-5, atol=1e-5)
 
 
 def perturb_trainable(model, seed, scale=0.1):
@@ -60,19 +64,22 @@ def test_lora_merge_unmerge_restore_and_agree():
         lora.lora_B.normal_(std=0.5)
     x = torch.randn(6, 32)
     unmerged = lora(x)
-    assert not torch.allclose(unmerged, base(x), atol=1e-3), "a non-zero B must change the output"
+    assert not torch.allclose(unmerged, base(x), rtol=0, atol=1e-3), "a non-zero B must change the output"
     lora.merge()
-    assert lora.merged and not torch.allclose(base.weight, w0)
-    torch.testing.assert_close(base.weight, w0 + (lora.lora_B @ lora.lora_A) * lora.scaling)
+    assert lora.merged and not torch.allclose(base.weight, w0, rtol=0, atol=1e-3)  # the delta is ~0.1-1
+    # Weights <= 1 and a delta of 4-term sums: a few float32 ulps (1.2e-7 at 1) whatever the summation order.
+    torch.testing.assert_close(base.weight, w0 + (lora.lora_B @ lora.lora_A) * lora.scaling, rtol=0, atol=1e-6)
     lora.merge()  # merging twice must not add the delta twice
-    torch.testing.assert_close(base.weight, w0 + (lora.lora_B @ lora.lora_A) * lora.scaling)
+    torch.testing.assert_close(base.weight, w0 + (lora.lora_B @ lora.lora_A) * lora.scaling, rtol=0, atol=1e-6)
     merged = lora(x)
-    assert (merged - unmerged).abs().max() < 1e-5
+    # Outputs ~3, sums of 32 products in another order (x W'^T vs x W^T + x A^T B^T s): ~1e-6 (measured 8e-7).
+    torch.testing.assert_close(merged, unmerged, rtol=1e-5, atol=1e-5)
     lora.unmerge()
     assert not lora.merged
-    torch.testing.assert_close(base.weight, w0, atol=1e-6, rtol=0)
+    torch.testing.assert_close(base.weight, w0, atol=1e-6, rtol=0)  # (w + d) - d: an ulp or two of |w + d| <= 1
     assert torch.equal(base.bias, b0)
-    assert (lora(x) - unmerged).abs().max() < 1e-6
+    # The restored weights are off by an ulp or two: outputs ~3 (sums of 32) by a few 1e-7 (measured 2.4e-7).
+    torch.testing.assert_close(lora(x), unmerged, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("rslora", [False, True])
@@ -80,12 +87,13 @@ def test_lora_scaling(rslora):
     r, alpha = 8, 16.0
     lora = LoRALinear(make_linear(), r=r, alpha=alpha, rslora=rslora)
     expected = alpha / math.sqrt(r) if rslora else alpha / r
-    assert lora.scaling == pytest.approx(expected)
-    assert lora.scaling == pytest.approx(16 / 2.8284271 if rslora else 2.0)
+    assert lora.scaling == pytest.approx(expected, rel=1e-12, abs=0)  # Python floats: the same formula
+    assert lora.scaling == pytest.approx(16 / 2.8284271 if rslora else 2.0, rel=1e-7, abs=0)  # sqrt(8) to 8 digits
     with torch.no_grad():
         lora.lora_B.normal_()
     x = torch.randn(3, 32)
-    # The scaling is what the forward pass applies: output - base = x A^T B^T * scaling.
+    # The scaling is what the forward pass applies: output - base = x A^T B^T * scaling. Deltas ~5-10, and
+    # (base + delta) - base rounds at the size of base + delta: an ulp of 10 is 1e-6.
     torch.testing.assert_close(lora(x) - lora.base(x), (x @ lora.lora_A.T @ lora.lora_B.T) * expected,
                                atol=1e-5, rtol=1e-5)
     assert f"scaling={expected:g}" in repr(lora)
@@ -104,16 +112,17 @@ def test_ia3_linear_noop_merge_unmerge(feedforward):
         ia3.ia3_l.copy_(torch.rand(ia3.ia3_l.shape) + 0.5)  # in [0.5, 1.5): no zero, so unmerge is exact
     scaled = ia3(x)
     manual = base(x * ia3.ia3_l) if feedforward else base(x) * ia3.ia3_l
-    torch.testing.assert_close(scaled, manual)
-    assert not torch.allclose(scaled, expected, atol=1e-3)
+    torch.testing.assert_close(scaled, manual, rtol=1e-5, atol=1e-5)  # outputs ~1 of 32-term sums, any order
+    assert not torch.allclose(scaled, expected, rtol=0, atol=1e-3)
     ia3.merge()
     assert ia3.merged
-    assert (ia3(x) - scaled).abs().max() < 1e-5
+    # Outputs ~1, sums of 32 products with the scaling moved inside: a few ulps (measured 1.3e-6 at ~3).
+    torch.testing.assert_close(ia3(x), scaled, rtol=1e-5, atol=1e-5)
     assert torch.equal(base.bias, b0) == feedforward  # only an output scaling touches the bias
     ia3.unmerge()
-    torch.testing.assert_close(base.weight, w0, atol=1e-6, rtol=0)
+    torch.testing.assert_close(base.weight, w0, atol=1e-6, rtol=0)  # (w * l) / l: an ulp of |w| <= 0.2
     torch.testing.assert_close(base.bias, b0, atol=1e-6, rtol=0)
-    assert (ia3(x) - scaled).abs().max() < 1e-6
+    torch.testing.assert_close(ia3(x), scaled, rtol=1e-5, atol=1e-5)  # back to the unmerged path, as above
 
 
 # --------------------------------------------------------------------------- injection
@@ -137,15 +146,16 @@ def test_inject_into_our_gpt_and_remove():
     assert sorted(trainable) == sorted(f"{n}.lora_{ab}" for n in names for ab in "AB")
     perturb_trainable(model, 1)
     changed = model(ids)
-    assert not torch.allclose(changed, before, atol=1e-4)
-    # Merged inference gives the same numbers at the base layer's speed.
+    assert not torch.allclose(changed, before, rtol=0, atol=1e-4)
+    # Merged inference gives the same numbers at the base layer's speed. Logits ~0.1 of a 16-wide model: rounding
+    # in another order ~1e-8 (measured 2e-8); a delta left out or added twice moves them by > 1e-4.
     merge_adapters(model)
-    assert (model(ids) - changed).abs().max() < 1e-5
+    torch.testing.assert_close(model(ids), changed, rtol=1e-5, atol=1e-6)
     remove_adapters(model)  # unmerges, then puts the original layers back
     assert not adapter_modules(model)
     for n, m in originals.items():
         assert model.get_submodule(n) is m
-    assert (model(ids) - before).abs().max() < 1e-6
+    torch.testing.assert_close(model(ids), before, rtol=1e-5, atol=1e-6)  # base weights back to an ulp or two
 
 
 def test_inject_ia3_feedforward_kind():
@@ -175,7 +185,7 @@ def test_inject_into_transformers_bert_by_name():
     trainable = mark_trainable(bert, train_layernorm=False, head_names=())
     assert sorted(trainable) == sorted(f"{n}.lora_{ab}" for n in names for ab in "AB")
     perturb_trainable(bert, 2)
-    assert not torch.allclose(bert(input_ids=ids).last_hidden_state, before, atol=1e-4)
+    assert not torch.allclose(bert(input_ids=ids).last_hidden_state, before, rtol=0, atol=1e-4)
     remove_adapters(bert)
     assert not adapter_modules(bert)
     for n, m in originals.items():
@@ -195,7 +205,7 @@ def test_injected_adapters_follow_the_model_mode():
     with torch.no_grad():
         assert torch.equal(model(ids), model(ids))
         model.train()
-        assert not torch.allclose(model(ids), model(ids))  # dropout 0.5 on the LoRA path when training
+        assert not torch.allclose(model(ids), model(ids), rtol=0, atol=1e-4)  # LoRA dropout 0.5 when training
 
 
 def test_inject_with_no_matching_name_is_a_clear_error():
@@ -240,8 +250,8 @@ def test_classifier_padding_does_not_leak():
     with torch.no_grad():
         batch = model(ids, mask)
         alone = torch.cat([model(ids[i:i + 1, :n]) for i, n in enumerate(lengths)])
-    assert (batch - alone).abs().max() < 1e-5
-    assert not torch.allclose(alone[0], alone[1], atol=1e-4)  # the rows really differ
+    torch.testing.assert_close(batch, alone, **LOGITS)
+    assert not torch.allclose(alone[0], alone[1], rtol=0, atol=1e-4)  # the rows really differ
 
 
 def test_classifier_logits_equal_transformers(tiny_dir):
@@ -255,7 +265,7 @@ def test_classifier_logits_equal_transformers(tiny_dir):
         theirs = hf(input_ids=ids, attention_mask=mask).logits
         mine = ours(ids, mask)
     assert mine.shape == theirs.shape == (4, 2)
-    assert (mine - theirs).abs().max() < 1e-5
+    torch.testing.assert_close(mine, theirs, **LOGITS)
     assert theirs.abs().max() > 1e-3
 
 
@@ -288,7 +298,7 @@ def test_peft_loads_our_lora_adapter(tiny_dir, tmp_path, rslora):
     save_adapter(ours, tmp_path, settings, {"model": str(tiny_dir)})
     theirs = PeftModel.from_pretrained(peft_base(tiny_dir), tmp_path).eval()
     mine, peft_logits = logits_both(ours, theirs)
-    assert (mine - peft_logits).abs().max() < 1e-4
+    torch.testing.assert_close(mine, peft_logits, **LOGITS)
     # Not a vacuous match: without the adapter the base model's logits are different.
     with theirs.disable_adapter(), torch.no_grad():
         ids, mask = padded_batch([8, 3, 5], seed=3)
@@ -322,13 +332,13 @@ def test_we_load_a_peft_lora_adapter(tiny_dir, tmp_path, rslora):
     ours = our_classifier(tiny_dir)
     attach_adapter(ours, settings, tensors)
     assert len(adapter_modules(ours)) == 8  # c_proj matches the attention's and the MLP's
-    assert ours.transformer.h[0].attn.c_attn.scaling == pytest.approx(4.0 if rslora else 2.0)
+    assert ours.transformer.h[0].attn.c_attn.scaling == pytest.approx(4.0 if rslora else 2.0, rel=1e-12, abs=0)
     mine, peft_logits = logits_both(ours, theirs)
-    assert (mine - peft_logits).abs().max() < 1e-4
+    torch.testing.assert_close(mine, peft_logits, **LOGITS)
     # Merged for inference, still the same.
     merge_adapters(ours)
     mine_merged, _ = logits_both(ours, theirs)
-    assert (mine_merged - peft_logits).abs().max() < 1e-4
+    torch.testing.assert_close(mine_merged, peft_logits, **LOGITS)
 
 
 def test_ia3_adapters_both_ways(tiny_dir, tmp_path):
@@ -344,7 +354,7 @@ def test_ia3_adapters_both_ways(tiny_dir, tmp_path):
                                                            modules_to_save=["score", *LAYERNORMS]))
     theirs = PeftModel.from_pretrained(peft_base(tiny_dir), tmp_path / "ours").eval()
     mine, peft_logits = logits_both(ours, theirs)
-    assert (mine - peft_logits).abs().max() < 1e-4
+    torch.testing.assert_close(mine, peft_logits, **LOGITS)
     # Peft -> ours.
     config = IA3Config(task_type="SEQ_CLS", target_modules=["c_attn", "mlp.c_proj"],
                        feedforward_modules=["mlp.c_proj"], fan_in_fan_out=True)
@@ -355,7 +365,7 @@ def test_ia3_adapters_both_ways(tiny_dir, tmp_path):
     attach_adapter(ours, settings, tensors)
     assert ours.transformer.h[0].mlp.c_proj.feedforward and not ours.transformer.h[0].attn.c_attn.feedforward
     mine, peft_logits = logits_both(ours, theirs)
-    assert (mine - peft_logits).abs().max() < 1e-4
+    torch.testing.assert_close(mine, peft_logits, **LOGITS)
 
 
 def test_attach_rejects_an_adapter_for_another_architecture(tiny_dir, tmp_path):
@@ -377,4 +387,4 @@ def test_classifier_left_padding_equals_transformers(tiny_dir):
     ids = torch.tensor([[PAD, PAD, 5, 6, 7], [1, 2, 3, 4, 5]])
     mask = (ids != PAD).long()
     with torch.no_grad():
-        assert (ours(ids, mask) - hf(input_ids=ids, attention_mask=mask).logits).abs().max() < 1e-5
+        torch.testing.assert_close(ours(ids, mask), hf(input_ids=ids, attention_mask=mask).logits, **LOGITS)

@@ -124,3 +124,41 @@ def test_no_runs_is_a_clean_error_and_writes_nothing(runs, tmp_path):
     err = user_error(run("report", 99, "--models-dir", models, "--plots-dir", plots, "--out-dir", tmp_path / "r"))
     assert "no runs of SR 99" in err and "python run.py LoRA 99" in err
     assert not (tmp_path / "r").exists()
+
+
+def test_missing_and_damaged_is_a_list_on_the_page(runs):
+    tmp, models, plots = runs
+    only = tmp / "only-rnn-list"
+    for seed in (5, 6):
+        shutil.copytree(models / f"rnn_{seed}", only / f"rnn_{seed}")
+    _, md, page = report(tmp, only, plots, out="reports-list")
+    section = md.split("## Missing and damaged\n", 1)[1]
+    assert "\n- LoRA: `python run.py LoRA 5` writes" in f"\n{section}"  # a markdown list
+    assert "\n\n- " not in section.strip()  # one list, not paragraphs each starting with a dash
+    html_section = page.split("<h2>Missing and damaged</h2>", 1)[1]
+    assert html_section.lstrip().startswith("<ul>") and "<li>LoRA: <code>python run.py LoRA 5</code> writes" in page
+    assert "<p>- " not in page and ">- " not in page
+
+
+def test_a_damaged_line_leaves_the_comparison_table_showing_what_can_be_read(runs):
+    tmp, models, plots = runs
+    damaged = tmp / "damaged-student"
+    shutil.copytree(models, damaged, symlinks=True)
+    metrics = damaged / "distil_5" / "metrics.jsonl"  # the first seed: the one the comparison starts from
+    lines = metrics.read_text().splitlines()
+    metrics.write_text(lines[0] + "\n" + lines[1][:25] + "\n")  # a write cut off in the middle of epoch 2
+    proc, md, page = report(tmp, damaged, plots, out="reports-damaged-student")
+    assert f"warning: {metrics} line 2 is damaged" in proc.stdout
+    # The table, from the epochs that can be read: distil_5's first epoch, distil_6's two.
+    mccs = [json.loads(lines[0])["dev_mcc"],
+            max(json.loads(line)["dev_mcc"] for line in (models / "distil_6" / "metrics.jsonl").read_text().splitlines())]
+    mean, std = sum(mccs) / 2, abs(mccs[0] - mccs[1]) / 2 ** 0.5
+    assert re.search(rf"\| KD student \(distil\) \| [\d.]+M \| [\d.]+ ± [\d.]+ \| {mean:.4f} ± {std:.4f} \| .* \| 2 \|",
+                     md), md
+    assert "| scratch student (rnn) |" in md and "| teacher: LoRA " in md and "](../plots/compare_5.png)" in md
+    assert "### distil_5" in md and "### distil_6" in md  # both seeds of the group, the damaged one's too
+    # and the damage said under the table and in the list at the end.
+    table_section = md.split("## Distillation", 1)[1].split("### ", 1)[0]
+    assert "damaged" in table_section, table_section
+    assert f"\n- {metrics} line 2 is damaged" in md.split("## Missing and damaged\n", 1)[1]
+    assert f"<li>{metrics} line 2 is damaged" in page

@@ -1,0 +1,440 @@
+"""Knowledge distillation: the LoRA-tuned model (the teacher) teaches a small recurrent student with its
+soft targets (distil), beside the same student trained on the labels alone (rnn); then the teacher, KD
+student and scratch student compared. Read top to bottom: the teacher, then the students' steps."""
+import dataclasses
+import functools
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from backbones import load_any_tokenizer, load_classifier, weight_files
+from data import IGNORE, Examples, augment, encode_task, lm_prompts, lm_sentence, task_data
+from generate import sample_seed
+from machine import (autocast_dtype, broadcast_object, cpu_matmul_seconds, environment, is_main, pick_device,
+                     seed_everything)
+from model import DistilRNN, RNNConfig, adapter_modules, merge_adapters, pca_embeddings, sample_next
+from report import comparison_rows
+from train_utils import (autocast, classification_metrics, kd_loss, local_logits, predict_logits, print_config,
+                         train_run, write_comparison)
+from utils import (RunLock, UserError, attach_adapter, cache_key, cache_path, check_writable, read_adapter,
+                   read_cached_logits, save_student, sha256_files, tokenizer_fingerprint, write_cached_logits,
+                   write_json)
+
+
+# --------------------------------------------------------------------------- the teacher
+
+class Teacher:
+    """The LoRA-tuned GPT-2 of `run.py LoRA <SR>` as the teacher of distillation. Its files are checked
+    at once; the model itself is loaded (adapter merged, eval mode, no gradients) only when logits are
+    missing from the cache, so a second distil run never runs it."""
+
+    def __init__(self, args, device, amp):
+        self.dir = Path(args.teacher or Path(args.models_dir) / f"LoRA_{args.SR}")
+        self.make = (f"`python run.py LoRA {args.SR} --data-dir DIR` (with the --model and --tokenizer of this run) "
+                     f"writes it to models/LoRA_{args.SR}/")
+        if not self.dir.is_dir():
+            raise UserError(f"no teacher at {self.dir}: distillation needs the LoRA-tuned model first; {self.make}. "
+                            f"Or pass --teacher DIR, an adapter directory of this project or of peft.")
+        try:
+            self.settings, self.tensors, extras = read_adapter(self.dir)
+            head = [k for k in self.tensors if k.split(".")[0] in ("score", "classifier") and k.endswith("weight")]
+            if not head:
+                raise UserError("it holds no classification head (score.weight or classifier.weight)")
+        except UserError as e:
+            raise UserError(f"the teacher {self.dir} is unusable: {e} Make it again: {self.make}.")
+        self.num_labels = len(extras["labels"]) if extras.get("labels") else self.tensors[head[-1]].shape[0]
+        self.task = extras.get("task")  # None for a peft adapter
+        self.base = args.model or extras.get("model") or self.settings.get("base_model_name_or_path") or "gpt2"
+        self.gguf = args.gguf_file or extras.get("gguf_file")
+        self.tokenizer = args.tokenizer or extras.get("tokenizer") or self.base
+        config = next((f for f in weight_files(self.base, self.gguf) if f.name == "config.json"), None)
+        try:  # the longest input of the base model (a GGUF file keeps it inside: Llamas take thousands)
+            hf = json.loads(config.read_text()) if config else {}
+            self.block_size = hf.get("n_positions") or hf.get("max_position_embeddings") or 10**6
+        except (OSError, ValueError):
+            self.block_size = 10**6
+        # What decides the logits besides the sentences: base weights, adapter, precision.
+        self.id = sha256_files([*weight_files(self.base, self.gguf), self.dir / "adapter_config.json",
+                                self.dir / "adapter_model.safetensors"])
+        self.id += f"|{amp}"
+        self.device, self.amp, self.model, self.parameters = device, amp, None, None
+        self.batch_size = getattr(args, "teacher_batch_size", 64)
+
+    def load(self):
+        if self.model is None:
+            model, _, info = load_classifier(self.base, self.num_labels, self.tokenizer, self.gguf)
+            try:
+                attach_adapter(model, self.settings, self.tensors, head_names=info["head"])
+            except UserError as e:
+                raise UserError(f"the teacher {self.dir} does not fit the base model {self.base}: {e} {self.make}.")
+            merge_adapters(model)  # inference at the base model's speed
+            # The merged model's size: the adapters' own factors (not their base layers) are folded in.
+            self.parameters = sum(p.numel() for p in model.parameters()) - sum(
+                p.numel() for m in adapter_modules(model) for p in m.parameters(recurse=False))
+            self.model = model.to(self.device).eval().requires_grad_(False)
+        return self.model
+
+    def language_model(self):
+        """The base model as a language model (the teacher's adapter plays no part), for --transfer-lm."""
+        from backbones import _source, is_gpt2, quiet_transformers
+        if self.gguf is None and is_gpt2(self.base):
+            from utils import load_gpt
+            lm = load_gpt(self.base)
+            lm.generate_tokens = lm.generate
+        else:
+            from transformers import AutoModelForCausalLM
+            source, gguf = _source(self.base, self.gguf)
+            with quiet_transformers():
+                lm = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf, dtype=torch.float32)
+        return lm.to(self.device).eval().requires_grad_(False)
+
+    def logits(self, examples, name, cache_dir):
+        """The teacher's logits for `examples`: from the cache, or computed once and cached."""
+        key = cache_key(self.id, examples.ids)
+        # Under torchrun rank 0 reads the cache and every rank takes its answer (one decision for all).
+        logits, info = broadcast_object(read_cached_logits(cache_dir, key, len(examples)) if is_main() else None)
+        if logits is not None:
+            print(f"teacher logits for {name} ({len(examples)} sentences): read from the cache "
+                  f"{cache_path(cache_dir, key)}; the teacher did not run")
+            return logits, info
+        if info:
+            print(f"warning: teacher-logit cache: {info}")
+        model = self.load()
+        t0 = time.time()  # under torchrun each rank computes its share of the sentences (predict_logits)
+        # Batches of sentences of one length: a transformers backbone then computes no padding (and ours
+        # little), and a batch of short sentences can be large. The logits go back to the examples' order.
+        order = sorted(range(len(examples)), key=lambda i: len(examples.ids[i]))
+        by_length = predict_logits(model, examples.subset(order), self.device, self.batch_size, self.amp,
+                                   desc=f"teacher: {name}")
+        logits = torch.empty_like(by_length)
+        logits[order] = by_length
+        seconds = time.time() - t0
+        info = {"teacher": str(self.dir), "base": str(self.base), "parameters": self.parameters,
+                "sentences_per_s": len(examples) / seconds}
+        path = write_cached_logits(cache_dir, key, logits, info) if is_main() else cache_path(cache_dir, key)
+        print(f"teacher logits for {name} ({len(examples)} sentences): computed in {seconds:.1f} s "
+              f"({info['sentences_per_s']:.0f} sentences/s) and cached in {path}")
+        return logits, info
+
+
+def student_tokenizer(args):
+    """(tokenizer, gguf file) of the teacher, so that both students read the same token ids: --tokenizer,
+    else the one the teacher (--teacher, or MODELS_DIR/LoRA_<SR>) was trained with, else --model's, else gpt2's."""
+    if args.tokenizer:
+        return args.tokenizer, None
+    if args.model:
+        return args.model, args.gguf_file
+    config = Path(getattr(args, "teacher", None) or Path(args.models_dir) / f"LoRA_{args.SR}") / "run_config.json"
+    try:
+        extras = json.loads(config.read_text())
+        return extras["tokenizer"], extras.get("gguf_file") if extras["tokenizer"] == extras.get("model") else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return args.model or "gpt2", args.gguf_file
+
+
+def teacher_embeddings(teacher, vocab_size, emb_dim):
+    """--init-embeddings-from-teacher: the teacher's token embeddings, PCA-projected to emb_dim."""
+    model = teacher.load()
+    wte = (model.hf.get_input_embeddings() if hasattr(model, "hf") else model.transformer.wte).weight.detach().cpu()
+    if wte.shape[0] < vocab_size or emb_dim > wte.shape[1]:
+        raise UserError(f"--init-embeddings-from-teacher: {teacher.base} has no token embedding of at least "
+                        f"{vocab_size} rows and {emb_dim} columns; drop the flag or use --emb-dim <= the teacher's "
+                        f"width ({wte.shape[1]}).")
+    return pca_embeddings(wte[:vocab_size].float(), emb_dim)
+
+
+# --------------------------------------------------------------------------- the students
+
+def train_students(args):
+    """distil and rnn: the same DistilRNN, data, seeds, optimiser and schedule; distil adds the teacher's
+    soft targets (and, with --augment, a transfer set that only the teacher labels)."""
+    distil = args.mode == "distil"
+    seeds = check_student_flags(args, distil)
+    device = pick_device(args.device)
+    amp = autocast_dtype(args.precision, device)
+    models_dir = Path(args.models_dir)
+    cache_dir = Path(args.cache_dir or models_dir / "teacher_cache") if distil else None
+    print_config(args)
+    check_writable([("--models-dir", models_dir), ("--plots-dir", args.plots_dir), ("--cache-dir", cache_dir)])
+    teacher = Teacher(args, device, teacher_precision(args, device, amp)) if distil else None
+    task, tok, tok_name, tok_gguf = student_data(args, teacher)
+    teacher_info = teacher_targets(teacher, task, cache_dir) if distil else None
+
+    rnn_config = RNNConfig(vocab_size=len(tok), num_labels=len(task.labels), rnn_type=args.rnn_type,
+                           emb_dim=args.emb_dim, hidden=args.hidden, n_layers=args.rnn_layers,
+                           bidirectional=args.bidirectional, pool=args.pool, dropout=args.dropout)
+    embeddings = (teacher_embeddings(teacher, len(tok), args.emb_dim)
+                  if distil and args.init_embeddings_from_teacher else None)
+    extras = {"mode": args.mode, "seed_group": seeds, "tokenizer": str(tok_name), "tokenizer_gguf": tok_gguf,
+              "tokenizer_fingerprint": tokenizer_fingerprint(tok), "labels": task.labels, "task": task.name,
+              "max_length": args.max_length, "eval_split": args.eval_split, "majority_acc": task.majority,
+              "teacher": teacher_info, "command": args.command, "environment": environment(device, amp)}
+    transfer = distil and (args.augment or args.transfer_lm)
+    # --shared-transfer: one transfer set (seeded by SR) for every seed, so the teacher labels it once.
+    shared = transfer_set(args, task, tok, teacher, args.SR, cache_dir) if transfer and args.shared_transfer else None
+    for seed in seeds:
+        train_set = shared or (transfer_set(args, task, tok, teacher, seed, cache_dir) if transfer else task.train)
+        train_student(args, seed, rnn_config, embeddings, train_set, task, teacher, extras, device, amp)
+    if is_main():
+        write_compare(args, models_dir)
+
+
+def check_student_flags(args, distil):
+    """The seeds of --seeds, once the flags argparse cannot check alone are checked."""
+    if distil and not 0 <= args.alpha <= 1:
+        raise UserError(f"--alpha {args.alpha}: the weight of the teacher's term must be in [0, 1] (0 = labels only, "
+                        f"1 = teacher only).")
+    if distil and args.augment < 0:
+        raise UserError(f"--augment {args.augment}: give a number of new sentences per training sentence, 0 or more.")
+    if distil and args.transfer_lm < 0:
+        raise UserError(f"--transfer-lm {args.transfer_lm}: give a number of sentences to sample per training "
+                        f"sentence, 0 or more.")
+    seeds = [args.SR + i for i in range(args.seeds)]
+    if seeds[-1] >= 2**32:
+        raise UserError(f"--seeds {args.seeds} from SR {args.SR} runs past the largest seed, 2^32 - 1; use fewer.")
+    return seeds
+
+
+def student_data(args, teacher):
+    """(task, tokenizer, its name, its GGUF file): the data tokenised as the teacher reads it, so that both
+    students see the same token ids; checked against the teacher's task and block size."""
+    task = task_data(args)
+    args.max_length = args.max_length or min(128, teacher.block_size if teacher else 128)
+    tok_name, tok_gguf = ((teacher.tokenizer, teacher.gguf if teacher.tokenizer == teacher.base else None) if teacher
+                          else student_tokenizer(args))
+    tok = load_any_tokenizer(tok_name, tok_gguf)
+    # The teacher's encoding ([CLS] ... [SEP] for an encoder), for the student too: the same ids for both.
+    encode_task(task, tok, args.max_length, add_special_tokens=getattr(tok, "cls_token", None) is not None)
+    if teacher and (teacher.num_labels != len(task.labels) or teacher.task not in (None, task.name)):
+        raise UserError(f"the teacher {teacher.dir} was trained on {teacher.task or 'another task'} "
+                        f"({teacher.num_labels} classes), this run's data is {task.name} ({len(task.labels)} classes: "
+                        f"{', '.join(task.labels)}). {teacher.make}, with this run's data flags.")
+    if teacher and args.max_length > teacher.block_size:
+        raise UserError(f"--max-length {args.max_length} is longer than the teacher's block size {teacher.block_size} "
+                        f"({teacher.base}); use at most that.")
+    return task, tok, tok_name, tok_gguf
+
+
+def teacher_targets(teacher, task, cache_dir):
+    """The teacher's logits on the training sentences (kept in task.train for the KD loss) and its dev
+    scores; returns what the runs record of the teacher."""
+    train, dev = task.train, task.dev
+    both = Examples(train.ids + dev.ids, train.labels.tolist() + dev.labels.tolist(), train.pad_id)
+    logits, info = teacher.logits(both, "the training and dev sentences", cache_dir)
+    train.extras["teacher_logits"] = logits[:len(train)]
+    t = classification_metrics(logits[len(train):].argmax(-1), dev.labels)
+    print(f"teacher {teacher.dir} ({teacher.base}, {info['parameters']:,} parameters): dev accuracy "
+          f"{t['acc']:.4f}, MCC {t['mcc']:.4f} (majority baseline {task.majority:.4f}, MCC 0)")
+    return {"dir": str(teacher.dir), "base": str(teacher.base), "parameters": info["parameters"],
+            "dev_acc": t["acc"], "dev_mcc": t["mcc"], "sentences_per_s": info["sentences_per_s"]}
+
+
+def transfer_set(args, task, tok, teacher, seed, cache_dir):
+    """The training set plus a transfer set labelled by the teacher's logits alone: --augment N sentences
+    per training sentence made by Tang et al.'s rules, and --transfer-lm N written by the teacher's base
+    language model. Seeded by `seed`: the student's own, or SR for all under --shared-transfer."""
+    train, new = task.train, []
+    if args.augment:
+        new += augment(task.texts, args.augment, seed, tok.mask_token or tok.unk_token or tok.eos_token)
+        print(f"transfer set: {len(new)} augmented sentences ({args.augment} per training sentence; masked, "
+              f"swapped, n-grams)")
+    if args.transfer_lm:
+        new += lm_sentences(teacher, tok, task.texts, args.transfer_lm, seed, cache_dir, args.lm_batch_size)
+    aug = Examples.encode(tok, new, [IGNORE] * len(new), args.max_length, "transfer set")
+    aug_logits, _ = teacher.logits(aug, f"the transfer set of seed {seed}", cache_dir)
+    print(f"transfer set: {len(aug)} unlabelled sentences, taught by the teacher's logits alone")
+    return Examples(train.ids + aug.ids, train.labels.tolist() + [IGNORE] * len(aug), train.pad_id,
+                    teacher_logits=torch.cat([train.extras["teacher_logits"], aug_logits]))
+
+
+# --------------------------------------------------------------------------- sentences written by the language model
+
+LM_SAMPLING = dict(temperature=0.9, top_k=50, max_new_tokens=32)  # fluent, yet varied
+
+
+def lm_sentences(teacher, tok, texts, n, seed, cache_dir, batch_size):
+    """--transfer-lm N: N sentences per training sentence written by the teacher's base language model (its
+    adapter plays no part), each a continuation of the first 1-4 words of a training sentence, kept when it
+    reads like a sentence (data.lm_sentence). Seeded by `seed`, and cached in cache_dir under a hash of
+    the base model's weights, the precision, the training sentences, N, the seed and the sampling settings."""
+    import hashlib
+    key = hashlib.sha256(json.dumps([sha256_files(weight_files(teacher.base, teacher.gguf)), str(teacher.amp),
+                                     texts, n, seed, LM_SAMPLING, batch_size]).encode()).hexdigest()
+    path = Path(cache_dir) / f"lm_{key[:24]}.json"
+    try:
+        cached = json.loads(path.read_text())
+        if cached["key"] == key:
+            print(f"transfer set: {len(cached['sentences'])} sentences written by {teacher.base}: read from the cache "
+                  f"{path}; the language model did not run")
+            return cached["sentences"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    prompts = lm_prompts(texts, n, seed)
+    encoded = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    # Batches of prompts of one token length: no padding, so neither model needs an attention mask.
+    groups = {}
+    for i, ids in enumerate(encoded):
+        groups.setdefault(len(ids), []).append(i)
+    batches = [g[j:j + batch_size] for _, g in sorted(groups.items()) for j in range(0, len(g), batch_size)]
+    lm, seen, out, t0, stops = teacher.language_model(), set(texts), [], time.time(), end_tokens(tok)
+    for k, batch in enumerate(batches):
+        ids = torch.tensor([encoded[i] for i in batch], device=teacher.device)
+        # Batch k is seeded by (seed, k) alone: the same prompts give the same sentences.
+        g = torch.Generator(device=teacher.device).manual_seed(sample_seed(seed, k + 1))
+        for i, row in zip(batch, sample_rows(lm, ids, g, stops, teacher)):
+            sentence = lm_sentence(prompts[i], tok.decode(row))
+            if sentence is not None and sentence not in seen:
+                seen.add(sentence)
+                out.append(sentence)
+        if k % 20 == 0 or k + 1 == len(batches):
+            print(f"transfer set: language model, batch {k + 1} of {len(batches)}: {len(out)} sentences kept, "
+                  f"{time.time() - t0:.0f} s", flush=True)
+    print(f"transfer set: {len(out)} sentences written by {teacher.base} from {len(prompts)} prompts ({n} per training "
+          f"sentence, {len(out) / max(1, len(prompts)):.0%} kept) in {time.time() - t0:.0f} s")
+    if is_main():
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        write_json(path, {"key": key, "sentences": out})
+    return out
+
+
+def end_tokens(tok):
+    """The token ids whose text ends a sentence (. ! ? or a line break), and the end-of-text token."""
+    ends = {i for t, i in tok.get_vocab().items() if any(c in tok.convert_tokens_to_string([t]) for c in ".!?\n")}
+    return torch.tensor(sorted(ends | {tok.eos_token_id} - {None}))
+
+
+@torch.no_grad()
+def sample_rows(lm, ids, generator, stops, teacher):
+    """Continuations (lists of new token ids) of a (B, T) batch of prompts, decoded with a KV cache and the
+    project's sampler (model.sample_next), until every row has ended a sentence or LM_SAMPLING's budget."""
+    B, T = ids.shape
+    rows, done = [[] for _ in range(B)], torch.zeros(B, dtype=torch.bool)
+    kw = {k: v for k, v in LM_SAMPLING.items() if k != "max_new_tokens"}
+    with autocast(teacher.device, teacher.amp):
+        if hasattr(lm, "generate_tokens"):  # the hand-written GPT-2: its own generate() with a KV cache
+            steps = lm.generate_tokens(ids, LM_SAMPLING["max_new_tokens"], generator=generator, **kw)
+        else:
+            steps = hf_decode(lm, ids, LM_SAMPLING["max_new_tokens"], generator, kw)
+        for nxt in steps:
+            nxt = nxt.cpu()
+            for r in (~done).nonzero().flatten().tolist():
+                rows[r].append(int(nxt[r]))
+            done |= torch.isin(nxt, stops)
+            if bool(done.all()):
+                break
+    return rows
+
+
+def hf_decode(lm, ids, max_new_tokens, generator, sampling):
+    """A transformers causal LM decoded step by step with its KV cache (past_key_values), sampled by ours."""
+    out = lm(input_ids=ids, use_cache=True)
+    for step in range(max_new_tokens):
+        nxt = sample_next(out.logits[:, -1].float(), generator=generator, **sampling)
+        yield nxt
+        if step + 1 < max_new_tokens:
+            out = lm(input_ids=nxt[:, None], past_key_values=out.past_key_values, use_cache=True)
+
+
+def teacher_precision(args, device, amp):
+    """The teacher's autocast dtype: --teacher-precision, where auto is bf16 when this device computes it
+    faster than fp32 (measured now on the CPU, machine.cpu_matmul_seconds), else the run's --precision."""
+    choice = getattr(args, "teacher_precision", "auto")
+    if choice != "auto":
+        return autocast_dtype(choice, device)
+    if device.type == "cuda":
+        return torch.bfloat16
+    if device.type == "cpu" and cpu_matmul_seconds(torch.bfloat16) < 0.7 * cpu_matmul_seconds(torch.float32):
+        return torch.bfloat16
+    return amp
+
+
+def train_student(args, seed, rnn_config, embeddings, train_set, task, teacher, extras, device, amp):
+    """One student of one seed: built, trained (with the KD loss under distil), the best epoch saved to
+    MODELS_DIR/<mode>_<seed>/ with its inference speed and training time."""
+    distil, teacher_info = teacher is not None, extras["teacher"]
+    out_dir = Path(args.models_dir) / f"{args.mode}_{seed}"
+    kept = None
+    if args.student_vocab == "data":  # the tokens of the sentences it trains on, and an unknown-token row
+        kept = sorted({t for ids in train_set.ids for t in ids})
+        rnn_config = dataclasses.replace(rnn_config, rows=len(kept) + 1)
+    seed_everything(seed)  # the student's initial weights: the same in distil and rnn for the same seed
+    student = DistilRNN(rnn_config)
+    if kept is not None:
+        student.keep_tokens(kept)
+    if embeddings is not None:
+        with torch.no_grad():
+            if kept is None:
+                student.embed.weight.copy_(embeddings)
+            else:
+                student.embed.weight[1:].copy_(embeddings[kept])
+    total = sum(p.numel() for p in student.parameters())
+    kind = (f"{'bi' if args.bidirectional else ''}{args.rnn_type.upper()} x{args.rnn_layers}, emb {args.emb_dim}, "
+            f"hidden {args.hidden}, {args.pool} pool"
+            + (f", vocabulary of the data: {len(kept):,} of {rnn_config.vocab_size:,} tokens" if kept else ""))
+    times = teacher_info["parameters"] / total if distil else 0
+    ratio = "" if not distil else (f", {times:.1f}x smaller than the teacher" if times >= 1 else
+                                   f", {1 / times:.1f}x larger than the teacher") + \
+        f" ({teacher_info['parameters'] / 1e6:.1f}M)"
+    print(f"student (seed {seed}): {kind}: {total:,} parameters ({total / 1e6:.2f}M{ratio})", flush=True)
+    student.to(device)
+    e = extras
+    extras = {"mode": e["mode"], "seed": seed, "seed_group": e["seed_group"], "tokenizer": e["tokenizer"],
+              "tokenizer_gguf": e["tokenizer_gguf"], "tokenizer_fingerprint": e["tokenizer_fingerprint"],
+              "labels": e["labels"], "task": e["task"], "max_length": e["max_length"], "eval_split": e["eval_split"],
+              "parameters": total, "majority_acc": e["majority_acc"], "teacher": e["teacher"], "command": e["command"],
+              "environment": e["environment"], "plots": str(Path(args.plots_dir) / f"{args.mode}_{seed}")}
+
+    def save_best(model, row):
+        path = save_student(model, out_dir, {**extras, "best": row})
+        return (f"  new best dev MCC {row['dev_mcc']:.4f}: student saved to {out_dir}/ "
+                f"({path.stat().st_size / 1024:.0f} KB)")
+
+    run_settings = {"student": vars(rnn_config), "tokenizer_fingerprint": extras["tokenizer_fingerprint"],
+                    "task": task.name,
+                    "max_length": args.max_length, "eval_split": args.eval_split,
+                    "teacher": teacher.id if distil else None, "n_examples": len(train_set),
+                    "kd": [args.alpha, args.temperature, args.augment, args.init_embeddings_from_teacher,
+                           args.kd_loss, args.transfer_lm, args.shared_transfer] if distil else None}
+    title = (f"{args.mode} SR={seed}: {kind}, lr={args.lr:g}, batch={args.batch_size}"
+             + (f", {args.kd_loss}, alpha={args.alpha:g}, T={args.temperature:g}, augment={args.augment}, "
+                f"transfer-lm={args.transfer_lm}" if distil else ""))
+    loss_fn = (functools.partial(kd_loss, temperature=args.temperature, alpha=args.alpha, loss=args.kd_loss)
+               if distil else None)
+    with RunLock(out_dir, "--models-dir", args.command, hold=is_main()):
+        history = train_run(args, f"{args.mode}_{seed}", student, train_set, task.dev, task.majority, out_dir,
+                            save_best, run_settings, title, device, amp, loss_fn=loss_fn, seed=seed)
+        if is_main():
+            record_speed(student, task.dev, history, out_dir, device, amp)
+
+
+def record_speed(student, dev, history, out_dir, device, amp):
+    """Inference speed (of one process) and training time, added to run_config.json for the comparison."""
+    local_logits(student, dev, device, 128, amp, progress=False)  # warm-up
+    t0 = time.time()
+    local_logits(student, dev, device, 128, amp, progress=False)
+    config = json.loads((out_dir / "run_config.json").read_text())
+    config.update(inference_sentences_per_s=len(dev) / (time.time() - t0),
+                  train_seconds=sum(r.get("train_seconds", 0) for r in history))
+    write_json(out_dir / "run_config.json", config)
+
+
+def write_compare(args, models_dir):
+    """plots/compare_<SR>.md and .png, once the teacher and both students of this SR exist."""
+    compared = comparison_rows(models_dir, args.SR)
+    if compared is None:
+        other = "rnn" if args.mode == "distil" else "distil"
+        print(f"comparison: `python run.py {other} {args.SR}` with the same flags writes the teacher / KD student / "
+              f"scratch student comparison, {args.plots_dir}/compare_{args.SR}.md and .png")
+        return
+    rows, runs = compared
+    prefix = Path(args.plots_dir) / f"compare_{args.SR}"
+    md, png = write_comparison(prefix, rows, runs["distil"][0]["majority_acc"],
+                               f"{runs['distil'][0].get('task', 'cola')}, SR={args.SR}: teacher vs KD student vs "
+                               f"scratch student")
+    def architecture(run):  # a vocabulary cut to the data has as many rows as that data has tokens
+        return {k: v for k, v in run["student"].items() if k != "rows"} | {"data_vocab": bool(run["student"].get("rows"))}
+    if architecture(runs["distil"][0]) != architecture(runs["rnn"][0]):
+        print("warning: the two students differ in architecture; the comparison is not like for like")
+    print(f"comparison: {md} and {png}")

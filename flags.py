@@ -1,0 +1,54 @@
+"""Flag values as the command line checks them: the value types, a sweep configuration's keys (each sets a
+flag), and the defaults the parser and the modes share. Light on purpose: `run.py --help` imports it."""
+import argparse
+import math
+
+DEFAULT_PROMPT = "Once upon a time, in a small village by the sea,"
+
+# A sweep configuration's keys, and the LoRA flag each one sets.
+SWEEP_KEYS = {"name": None, "peft": "peft", "r": "lora_rank", "alpha": "lora_alpha", "dropout": "lora_dropout",
+              "rslora": "rslora", "target_modules": "target_modules", "feedforward_modules": "feedforward_modules",
+              "lr": "lr", "epochs": "epochs", "batch_size": "batch_size", "weight_decay": "weight_decay"}
+
+
+def seed_arg(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"SR must be a non-negative integer below 2^32 such as 12345 (it seeds "
+                                         f"every random choice), got {text!r}")
+    return value
+
+
+def positive(kind):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or value <= 0:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
+        return value
+    return parse
+
+
+def fraction(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
+    return value
+
+
+def non_negative(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
