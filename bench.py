@@ -18,6 +18,10 @@ side by side with ratios and the targets, in one run. CPU, float32, no hub neede
     python bench.py threads two `run.py LoRA` processes side by side on one machine (a small random-weight
                             GPT-2): each with torch's default threads (every core: they fight) vs each with
                             --threads cores/2, against one run alone; wall seconds of each
+    python bench.py serve   `run.py serve`'s mixed-adapter batches: one batch of CoLA sentences for 8 adapters
+                            (sent/s) vs the same batch for one adapter, vs today's swap-and-merge path
+                            (predict's) on the same stream, vs peft's mixed batches (adapter_names=); resident
+                            memory with 1, 8, 64 adapters; the HTTP service under 100 concurrent clients
     python bench.py all     gen, lora, precision, distil and backbone
 
 Both sides run on one random-weight checkpoint of the real gpt2 shape (12 layers, 768 wide, 50257
@@ -444,8 +448,50 @@ def bench_precision(args, ckpt):
 
 # --------------------------------------------------------------------------- distillation
 
+def bench_distil_teacher(args):
+    """The teacher's inference speed on a SmolLM2-shaped Llama (random weights, a classification head): the
+    old way (sentences in file order, batches of 64, fp32) against run.py's (sorted by length, batches of
+    --teacher-batch-size 128, the precision distil.teacher_precision picks here)."""
+    from types import SimpleNamespace
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+    from backbones import HFClassifier
+    from data import Examples, load_cola
+    from distil import logits_by_length, teacher_precision
+    from train_utils import predict_logits
+    from utils import load_tokenizer
+    device = torch.device("cpu")
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192,
+                         tie_word_embeddings=True, num_labels=2, pad_token_id=0)
+    teacher = HFClassifier(LlamaForSequenceClassification(config)).eval().requires_grad_(False)
+    sentences, labels = load_cola(args.data_dir)["train"]
+    pick = torch.randperm(len(sentences), generator=torch.Generator().manual_seed(0))[:args.distil_teacher_sentences]
+    ex = Examples.encode(load_tokenizer(args.tokenizer), [sentences[i] for i in pick], [labels[i] for i in pick], 128)
+    ex = Examples([[t % 49152 or 1 for t in x] for x in ex.ids], ex.labels.tolist(), 0)  # GPT-2 ids into Llama's
+    amp = teacher_precision(SimpleNamespace(teacher_precision="auto"), device, None)
+    warm = ex.subset(list(range(32)))
+    ways = {"before: file order, batches of 64, fp32": lambda e: predict_logits(teacher, e, device, 64, progress=False),
+            f"after: sorted by length, batches of 128, {'bf16' if amp else 'fp32'}":
+                lambda e: logits_by_length(teacher, e, device, 128, amp, progress=False)}
+    times = {k: [] for k in ways}
+    for way in ways.values():
+        way(warm)
+    for _ in range(max(1, args.distil_repeats // 2)):  # in turns, so that a slow spell hits both alike
+        for k, way in ways.items():
+            times[k].append(timed(lambda: way(ex)))
+    n, size, runs = len(ex), sum(p.numel() for p in teacher.parameters()), len(next(iter(times.values())))
+    print(f"distil teacher: SmolLM2-shaped Llama (30 layers, 576 wide, random weights, {size / 1e6:.1f}M parameters), "
+          f"{n} CoLA training sentences, {torch.get_num_threads()} threads, median of {runs} runs")
+    speeds = {k: n / statistics.median(t) for k, t in times.items()}
+    before = next(iter(speeds.values()))
+    for k, v in speeds.items():
+        print(f"| teacher inference, {k} | {v:.1f} sentences/s | {v / before:.2f}x |")
+
+
 def bench_distil(args, ckpt):
     """distil vs rnn epochs (teacher-logit cache, teacher every batch) and student vs teacher inference."""
+    bench_distil_teacher(args)
     import functools
     import io
     from contextlib import redirect_stderr, redirect_stdout
@@ -655,13 +701,275 @@ def bench_threads(args):
           flush=True)
 
 
+# --------------------------------------------------------------------------- serving: adapters mixed in a batch
+
+def serve_adapters(args, ckpt, n, layernorms=True):
+    """n random LoRA adapters of the checkpoint (r=4 on GPT-2's four layers, layer norms and head trained,
+    as `run.py LoRA` makes them by default; or without layer norms, as with --no-train-layernorm), written
+    once under WORKDIR/serve-adapters[-no-layernorm]/ as peft's files."""
+    from safetensors.torch import save_file
+    from model import GPTConfig
+    from utils import PEFT_PREFIX, adapter_settings, gpt_config_from_hf, write_json
+    c = gpt_config_from_hf(ckpt) if (Path(ckpt) / "config.json").is_file() else GPTConfig()
+    shapes = {"attn.c_attn": (c.n_embd, 3 * c.n_embd), "attn.c_proj": (c.n_embd, c.n_embd),
+              "mlp.c_fc": (c.n_embd, 4 * c.n_embd), "mlp.c_proj": (4 * c.n_embd, c.n_embd)}
+    dirs = []
+    for i in range(n):
+        d = Path(args.workdir) / ("serve-adapters" if layernorms else "serve-adapters-no-layernorm") / f"a{i}"
+        dirs.append(d)
+        if (d / "adapter_model.safetensors").is_file():
+            continue
+        g = torch.Generator().manual_seed(1000 + i)
+        t = {}
+        for layer in range(c.n_layer):
+            for target, (fan_in, fan_out) in shapes.items():
+                t[f"transformer.h.{layer}.{target}.lora_A.weight"] = torch.randn(4, fan_in, generator=g) * 0.02
+                t[f"transformer.h.{layer}.{target}.lora_B.weight"] = torch.randn(fan_out, 4, generator=g) * 0.02
+            for norm in ("ln_1", "ln_2") if layernorms else ():
+                t[f"transformer.h.{layer}.{norm}.weight"] = 1 + 0.1 * torch.randn(c.n_embd, generator=g)
+                t[f"transformer.h.{layer}.{norm}.bias"] = 0.1 * torch.randn(c.n_embd, generator=g)
+        if layernorms:
+            t["transformer.ln_f.weight"] = 1 + 0.1 * torch.randn(c.n_embd, generator=g)
+            t["transformer.ln_f.bias"] = 0.1 * torch.randn(c.n_embd, generator=g)
+        t["score.weight"] = torch.randn(2, c.n_embd, generator=g) * 0.1
+        d.mkdir(parents=True, exist_ok=True)
+        save_file({PEFT_PREFIX + k: v.contiguous() for k, v in t.items()}, d / "adapter_model.safetensors")
+        saved = ["score", "ln_1", "ln_2", "ln_f"] if layernorms else ["score"]
+        write_json(d / "adapter_config.json", {**adapter_settings("lora", 4, 4.0, 0.0, False, LORA_TARGETS,
+                                                                   modules_to_save=saved),
+                                                "base_model_name_or_path": str(ckpt)})
+        write_json(d / "run_config.json", {"model": str(ckpt), "tokenizer": args.tokenizer, "task": "cola",
+                                           "labels": ["unacceptable", "acceptable"], "max_length": 128})
+    return dirs
+
+
+def serve_sentences(args, n):
+    from data import load_cola
+    sentences = load_cola(args.data_dir)["train"][0]
+    pick = torch.randperm(len(sentences), generator=torch.Generator().manual_seed(0))[:n].tolist()
+    return [sentences[i] for i in pick]
+
+
+def rss_mb():
+    """This process's resident memory now (not its peak), in MB."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+def serve_memory_worker(args, ckpt):
+    """Resident memory of a serving process with 0, 1, 8 and 64 adapters loaded, as one JSON line."""
+    import gc
+    from types import SimpleNamespace
+    from predict import load_base
+    from serve import Service
+    dirs = serve_adapters(args, ckpt, 64)
+    base = load_base({}, SimpleNamespace(model=str(ckpt), tokenizer=args.tokenizer, gguf_file=None),
+                     torch.device("cpu"))
+    service = Service(base["model"], base["tok"], base["info"], str(ckpt), torch.device("cpu"))
+    gc.collect()
+    out = {"base_mb": rss_mb(), "params": sum(p.numel() for p in base["model"].parameters()), "adapter_bytes": 0}
+    for i, d in enumerate(dirs):
+        out["adapter_bytes"] = service.load(f"a{i}", d).size
+        if i + 1 in (1, 8, 64):
+            gc.collect()
+            out[f"rss_{i + 1}_mb"] = rss_mb()
+    print(json.dumps(out))
+
+
+async def load_clients(url, requests, clients):
+    """`clients` asyncio clients at once, each sending its share of `requests` one after another: the
+    latencies of the answered requests and the failures."""
+    import asyncio
+    import httpx
+    latencies, failures = [], []
+    queue = list(enumerate(requests))
+
+    async def client(http):
+        while queue:
+            _, body = queue.pop()
+            t0 = time.perf_counter()
+            try:
+                r = await http.post(url + "/classify", json=body)
+                if r.status_code != 200 or len(r.json()["outputs"]) != len(body["inputs"]):
+                    failures.append(f"{r.status_code}: {r.text[:200]}")
+                    continue
+            except Exception as e:
+                failures.append(f"{type(e).__name__}: {e}")
+                continue
+            latencies.append(time.perf_counter() - t0)
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as http:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(http) for _ in range(clients)))
+        wall = time.perf_counter() - t0
+    return latencies, failures, wall
+
+
+def bench_serve(args, ckpt):
+    """Mixed-adapter batches of the service against one adapter, against today's swap-and-merge path and
+    against peft's mixed-batch inference; resident memory with 1, 8, 64 adapters; and the HTTP service under
+    load from concurrent clients."""
+    import asyncio
+    import socket
+    from types import SimpleNamespace
+    from peft import PeftModel
+    from transformers import GPT2ForSequenceClassification
+    from predict import classify, load_base, swap_adapter
+    from serve import Row, Service
+    from utils import read_adapter
+
+    t, batch = args.serve_adapters, args.serve_batch
+    dirs = serve_adapters(args, ckpt, max(t, 64))
+    names = [f"a{i}" for i in range(t)]
+    sentences = serve_sentences(args, batch)
+    cpu = torch.device("cpu")
+    flags = SimpleNamespace(model=str(ckpt), tokenizer=args.tokenizer, gguf_file=None)
+    base = load_base({}, flags, cpu)
+    service = Service(base["model"], base["tok"], base["info"], str(ckpt), cpu)
+    for name, d in zip(names, dirs):
+        service.load(name, d)
+    # peft's adapter_names= refuses adapters with layer norms in modules_to_save (its mixed batches take
+    # Linear, Embedding and Conv modules only): it is compared on the same adapters without them, as ours.
+    plain_dirs = serve_adapters(args, ckpt, t, layernorms=False)
+    plain = [f"p{i}" for i in range(t)]
+    for name, d in zip(plain, plain_dirs):
+        service.load(name, d)
+    # Today's path (predict): one more base model, each adapter swapped in and merged when its turn comes.
+    adapters = {name: read_adapter(d) for name, d in zip(names, dirs)}
+    swap_base = load_base(adapters, flags, cpu)
+    # peft: transformers' GPT-2 with the same t adapter files loaded, mixed batches through adapter_names=.
+    hf = GPT2ForSequenceClassification.from_pretrained(ckpt, num_labels=2, pad_token_id=50256).eval()
+    theirs = PeftModel.from_pretrained(hf, plain_dirs[0], adapter_name=plain[0]).eval()
+    for name, d in zip(plain[1:], plain_dirs[1:]):
+        theirs.load_adapter(d, adapter_name=name)
+
+    stream = [names[i % t] for i in range(batch)]  # a mixed stream: request i for adapter i mod t
+    mixed = service.encode([SimpleNamespace(adapter=n, text=s) for n, s in zip(stream, sentences)])
+    single = [Row(names[0], r.ids) for r in mixed]
+    plain_stream = [plain[i % t] for i in range(batch)]
+    plain_mixed = [Row(n, r.ids) for n, r in zip(plain_stream, mixed)]
+    ids = [r.ids for r in mixed]
+    T = max(map(len, ids))
+    peft_ids = torch.tensor([x + [50256] * (T - len(x)) for x in ids])
+    peft_mask = torch.tensor([[1] * len(x) + [0] * (T - len(x)) for x in ids])
+
+    def ours(rows):
+        return [o["probabilities"]["acceptable"] for o in service.run(rows)]
+
+    def peft_mixed():
+        with torch.inference_mode():
+            logits = theirs(input_ids=peft_ids, attention_mask=peft_mask, adapter_names=plain_stream).logits
+        return logits.softmax(-1)[:, 1].tolist()
+
+    def swap_stream(grouped):
+        """The stream as predict serves it: consecutive requests of one adapter as one batch, a swap (the
+        base's layer norms and head restored, the adapter injected and merged) whenever the adapter changes.
+        grouped: first sort the stream by adapter, as predict does for a file (t swaps)."""
+        n = batch if grouped else min(batch, args.serve_swap_requests)  # its first requests: it is slow
+        order = sorted(range(n), key=lambda i: stream[i]) if grouped else list(range(n))
+        out, i = [None] * n, 0
+        while i < n:
+            j = i
+            while j < n and stream[order[j]] == stream[order[i]]:
+                j += 1
+            clf, tok, extras, max_length = swap_adapter(swap_base, stream[order[i]], adapters[stream[order[i]]], cpu)
+            probs = classify(clf, tok, [sentences[k] for k in order[i:j]], max_length, "bench", cpu, 64, None)
+            for k, p in zip(order[i:j], probs[:, 1].tolist()):
+                out[k] = p
+            i = j
+        return out
+
+    sides = {"mixed": lambda: ours(mixed), "single": lambda: ours(single), "plain": lambda: ours(plain_mixed),
+             "peft": peft_mixed, "swap": lambda: swap_stream(False), "swap_grouped": lambda: swap_stream(True)}
+    first = {k: f() for k, f in sides.items()}  # warm-up, and the answers to compare
+    agree = {k: max(abs(a - b) for a, b in zip(first["plain" if k == "peft" else "mixed"], first[k]))
+             for k in ("peft", "swap", "swap_grouped")}
+    seconds = {k: [] for k in sides}
+    for r in range(args.serve_repeats):  # in turns, forwards and backwards: a slow spell hits every side alike
+        for k in list(sides)[::-1 if r % 2 else 1]:
+            seconds[k].append(timed(sides[k]))
+    sps = {k: len(first[k]) / statistics.median(v) for k, v in seconds.items()}
+    tokens = sum(map(len, ids))
+    print(f"serve: a batch of {batch} CoLA sentences ({tokens} tokens), {t} LoRA adapters (r=4 on "
+          f"{', '.join(LORA_TARGETS)}, own layer norms and head), request i for adapter i mod {t}; median of "
+          f"{args.serve_repeats} runs in turns; sentences/s", flush=True)
+    rows = [("ours: mixed batch, one forward", sps["mixed"], ""),
+            ("ours: same batch, one adapter", sps["single"],
+             f"mixed / single = {sps['mixed'] / sps['single']:.2f}x (target >= 0.8)"),
+            (f"today: swap-and-merge per request (first {len(first['swap'])})", sps["swap"],
+             f"mixed / swap = {sps['mixed'] / sps['swap']:.1f}x (target >= 3); max |p - ours| {agree['swap']:.1e}"),
+            ("today: swap-and-merge, stream sorted by adapter", sps["swap_grouped"],
+             f"mixed / this = {sps['mixed'] / sps['swap_grouped']:.2f}x (predict's file mode: {t} swaps); "
+             f"max |p - ours| {agree['swap_grouped']:.1e}"),
+            ("ours: mixed batch, adapters without layer norms", sps["plain"], ""),
+            ("peft: mixed batch (adapter_names=), the same", sps["peft"],
+             f"ours / peft = {sps['plain'] / sps['peft']:.2f}x (target >= 1.0); max |p - ours| {agree['peft']:.1e}")]
+    for label, v, note in rows:
+        print(f"serve:   {label:<50} {v:7.1f}   {note}", flush=True)
+    del swap_base, theirs, hf, adapters
+
+    # Memory: a fresh process per figure set, so that only serving's memory is counted.
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "_serve_memory", "--workdir",
+                           str(args.workdir), "--tokenizer", args.tokenizer, "--threads", str(args.threads)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = json.loads(proc.stdout.strip().splitlines()[-1])
+    one = m["adapter_bytes"] / 2 ** 20
+    print(f"serve: resident memory, one process (base: {m['params'] / 1e6:.0f}M parameters, {m['base_mb']:.0f} MB "
+          f"resident; one adapter {one:.2f} MB of tensors):", flush=True)
+    for k in (1, 8, 64):
+        got = m[f"rss_{k}_mb"]
+        print(f"serve:   {k:2d} adapters: {got:7.0f} MB = base + {got - m['base_mb']:5.0f} MB "
+              f"(t adapters' tensors: {k * one:5.0f} MB)", flush=True)
+
+    # Under load: the HTTP service in its own process, concurrent clients, one input per request.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, str(ROOT / "run.py"), "serve", "0", "--model", str(ckpt), "--tokenizer", args.tokenizer,
+           "--port", str(port), "--threads", str(args.threads), "--log-level", "warning",
+           *[f for name, d in zip(names, dirs) for f in ("--adapter", f"{name}={d}")]]
+    server = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        import httpx
+        for _ in range(600):
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.5)
+            assert server.poll() is None, server.stderr.read()[-3000:]
+        g = torch.Generator().manual_seed(1)
+        pool = serve_sentences(args, 512)
+        n_requests = args.serve_clients * args.serve_requests
+        requests = [{"inputs": [{"adapter": names[int(torch.randint(t, (1,), generator=g))],
+                                 "text": pool[int(torch.randint(len(pool), (1,), generator=g))]}]}
+                    for _ in range(n_requests)]
+        asyncio.run(load_clients(url, requests[:args.serve_clients], args.serve_clients))  # warm-up
+        before = httpx.get(url + "/health").json()
+        latencies, failures, wall = asyncio.run(load_clients(url, requests, args.serve_clients))
+        after = httpx.get(url + "/health").json()
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    q = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else [float("nan")] * 99
+    batches = after["batches"] - before["batches"]
+    print(f"serve: under load: {args.serve_clients} concurrent clients, {n_requests} requests of one sentence "
+          f"(random adapter of {t}) over HTTP: {len(failures)} failed, {len(latencies) / wall:.1f} requests/s, "
+          f"latency p50 {q[49] * 1000:.0f} ms, p99 {q[98] * 1000:.0f} ms; {batches} forward passes "
+          f"({(after['rows'] - before['rows']) / max(batches, 1):.1f} rows each)"
+          + (f"; first failure: {failures[0]}" if failures else ""), flush=True)
+
+
 # --------------------------------------------------------------------------- main
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("what", choices=["gen", "lora", "precision", "distil", "backbone", "threads", "all",
-                                         "_lora_worker"],
+    p.add_argument("what", choices=["gen", "lora", "precision", "distil", "backbone", "threads", "serve", "all",
+                                         "_lora_worker", "_serve_memory"],
                    help="what to benchmark")
     p.add_argument("side", nargs="?", choices=["ours", "peft"], help=argparse.SUPPRESS)
     p.add_argument("--workdir", help="where the random-weight checkpoint is written, and reused next time; "
@@ -687,7 +995,16 @@ def main():
     p.add_argument("--distil-infer-sentences", type=int, default=256, help="distil: of them, those both models "
                    "infer for the inference speeds")
     p.add_argument("--distil-repeats", type=int, default=5, help="distil: timed runs of each kind, in turns")
+    p.add_argument("--distil-teacher-sentences", type=int, default=512, help="distil: CoLA training sentences the "
+                   "SmolLM2-shaped teacher labels, the old way and run.py's")
     p.add_argument("--threads-sentences", type=int, default=2048, help="threads: training sentences of each run")
+    p.add_argument("--serve-adapters", type=int, default=8, help="serve: adapters mixed in the batch")
+    p.add_argument("--serve-batch", type=int, default=64, help="serve: sentences in the batch")
+    p.add_argument("--serve-repeats", type=int, default=5, help="serve: timed runs of each side, in turns")
+    p.add_argument("--serve-swap-requests", type=int, default=16, help="serve: requests of the stream that today's "
+                   "swap-and-merge path serves (one swap each: slow), for its sentences/s")
+    p.add_argument("--serve-clients", type=int, default=100, help="serve: concurrent HTTP clients")
+    p.add_argument("--serve-requests", type=int, default=4, help="serve: requests per client")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     tmp = None
@@ -702,6 +1019,8 @@ def main():
     ckpt = checkpoint(args.workdir)
     if args.what == "_lora_worker":
         return lora_worker(args.side, args, ckpt)
+    if args.what == "_serve_memory":
+        return serve_memory_worker(args, ckpt)
     import peft
     import transformers
     print(f"bench: torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}; "
@@ -715,6 +1034,8 @@ def main():
         bench_precision(args, ckpt)
     if args.what in ("distil", "all"):
         bench_distil(args, ckpt)
+    if args.what == "serve":
+        bench_serve(args, ckpt)
     if args.what == "all":
         bench_backbone(args)
 

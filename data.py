@@ -468,12 +468,13 @@ def augment(sentences, n, seed, mask_token, p_mask=0.1, p_swap=0.1, p_ngram=0.25
 
 def lm_prompts(sentences, n, seed, max_words=4):
     """n prompts per sentence for --transfer-lm: its first k words, k drawn from 1 to max_words (and at most
-    all but the last word), so that the language model writes the rest. Same seed, same prompts."""
+    all but the last word), so that the language model writes the rest. A fraction n < 1: one prompt for
+    each sentence with probability n (a cheaper transfer set). Same seed, same prompts."""
     rng = random.Random(seed)
     out = []
     for sentence in sentences:
         words = sentence.split()
-        for _ in range(n):
+        for _ in range(int(n) if n >= 1 else int(rng.random() < n)):
             out.append(" ".join(words[:rng.randint(1, max(1, min(max_words, len(words) - 1)))]))
     return out
 

@@ -12,11 +12,10 @@ import torch
 from backbones import load_any_tokenizer, load_classifier, weight_files
 from data import IGNORE, Examples, augment, encode_task, lm_prompts, lm_sentence, task_data
 from generate import sample_seed
-from machine import (autocast_dtype, broadcast_object, cpu_matmul_seconds, environment, is_main, pick_device,
-                     seed_everything)
+from machine import autocast_dtype, broadcast_object, environment, is_main, pick_device, seed_everything
 from model import DistilRNN, RNNConfig, adapter_modules, merge_adapters, pca_embeddings, sample_next
 from report import comparison_rows
-from train_utils import (autocast, classification_metrics, kd_loss, local_logits, predict_logits, print_config,
+from train_utils import (classification_metrics, kd_loss, local_logits, predict_logits, print_config,
                          train_run, write_comparison)
 from utils import (RunLock, UserError, attach_adapter, cache_key, cache_path, check_writable, read_adapter,
                    read_cached_logits, save_student, sha256_files, tokenizer_fingerprint, write_cached_logits,
@@ -73,8 +72,14 @@ class Teacher:
             # The merged model's size: the adapters' own factors (not their base layers) are folded in.
             self.parameters = sum(p.numel() for p in model.parameters()) - sum(
                 p.numel() for m in adapter_modules(model) for p in m.parameters(recurse=False))
-            self.model = model.to(self.device).eval().requires_grad_(False)
+            self.model = self.cast(model.to(self.device).eval().requires_grad_(False))
         return self.model
+
+    def cast(self, model):
+        """In half precision, the whole model in that dtype: autocast would cast every weight again at every
+        forward (measured on a SmolLM2 teacher here: fp32 4.3, autocast bf16 5.5, the model in bf16 8.0
+        sentences/s)."""
+        return model.to(self.amp) if self.amp is not None else model
 
     def language_model(self):
         """The base model as a language model (the teacher's adapter plays no part), for --transfer-lm."""
@@ -88,7 +93,7 @@ class Teacher:
             source, gguf = _source(self.base, self.gguf)
             with quiet_transformers():
                 lm = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf, dtype=torch.float32)
-        return lm.to(self.device).eval().requires_grad_(False)
+        return self.cast(lm.to(self.device).eval().requires_grad_(False))
 
     def logits(self, examples, name, cache_dir):
         """The teacher's logits for `examples`: from the cache, or computed once and cached."""
@@ -103,13 +108,8 @@ class Teacher:
             print(f"warning: teacher-logit cache: {info}")
         model = self.load()
         t0 = time.time()  # under torchrun each rank computes its share of the sentences (predict_logits)
-        # Batches of sentences of one length: a transformers backbone then computes no padding (and ours
-        # little), and a batch of short sentences can be large. The logits go back to the examples' order.
-        order = sorted(range(len(examples)), key=lambda i: len(examples.ids[i]))
-        by_length = predict_logits(model, examples.subset(order), self.device, self.batch_size, self.amp,
-                                   desc=f"teacher: {name}")
-        logits = torch.empty_like(by_length)
-        logits[order] = by_length
+        logits = logits_by_length(model, examples, self.device, self.batch_size, None, desc=f"teacher: {name}")
+        assert bool(torch.isfinite(logits).all()), "the teacher's logits are not finite"
         seconds = time.time() - t0
         info = {"teacher": str(self.dir), "base": str(self.base), "parameters": self.parameters,
                 "sentences_per_s": len(examples) / seconds}
@@ -117,6 +117,16 @@ class Teacher:
         print(f"teacher logits for {name} ({len(examples)} sentences): computed in {seconds:.1f} s "
               f"({info['sentences_per_s']:.0f} sentences/s) and cached in {path}")
         return logits, info
+
+
+def logits_by_length(model, examples, device, batch_size, amp, desc="teacher", progress=True):
+    """predict_logits over the examples sorted by length, in the examples' order: batches of sentences of one
+    length, so that a transformers backbone computes (almost) no padding."""
+    order = sorted(range(len(examples)), key=lambda i: len(examples.ids[i]))
+    by_length = predict_logits(model, examples.subset(order), device, batch_size, amp, desc=desc, progress=progress)
+    logits = torch.empty_like(by_length)
+    logits[order] = by_length
+    return logits
 
 
 def student_tokenizer(args):
@@ -235,23 +245,29 @@ def transfer_set(args, task, tok, teacher, seed, cache_dir):
     """The training set plus a transfer set labelled by the teacher's logits alone: --augment N sentences
     per training sentence made by Tang et al.'s rules, and --transfer-lm N written by the teacher's base
     language model. Seeded by `seed`: the student's own, or SR for all under --shared-transfer."""
-    train, new = task.train, []
+    parts = []  # each part labelled (and cached) on its own, so that a run with both reuses a run with one
     if args.augment:
-        new += augment(task.texts, args.augment, seed, tok.mask_token or tok.unk_token or tok.eos_token)
+        new = augment(task.texts, args.augment, seed, tok.mask_token or tok.unk_token or tok.eos_token)
         print(f"transfer set: {len(new)} augmented sentences ({args.augment} per training sentence; masked, "
               f"swapped, n-grams)")
+        parts.append(("the transfer set", new))
     if args.transfer_lm:
-        new += lm_sentences(teacher, tok, task.texts, args.transfer_lm, seed, cache_dir, args.lm_batch_size)
-    aug = Examples.encode(tok, new, [IGNORE] * len(new), args.max_length, "transfer set")
-    aug_logits, _ = teacher.logits(aug, f"the transfer set of seed {seed}", cache_dir)
-    print(f"transfer set: {len(aug)} unlabelled sentences, taught by the teacher's logits alone")
-    return Examples(train.ids + aug.ids, train.labels.tolist() + [IGNORE] * len(aug), train.pad_id,
-                    teacher_logits=torch.cat([train.extras["teacher_logits"], aug_logits]))
+        new = lm_sentences(teacher, tok, task.texts, args.transfer_lm, seed, cache_dir, args.lm_batch_size)
+        parts.append(("the language model's sentences", new))
+    ids, logits = list(task.train.ids), [task.train.extras["teacher_logits"]]
+    for name, sentences in parts:
+        part = Examples.encode(tok, sentences, [IGNORE] * len(sentences), args.max_length, name)
+        logits.append(teacher.logits(part, f"{name} of seed {seed}", cache_dir)[0])
+        ids += part.ids
+    n = len(ids) - len(task.train)
+    print(f"transfer set: {n} unlabelled sentences, taught by the teacher's logits alone")
+    return Examples(ids, task.train.labels.tolist() + [IGNORE] * n, task.train.pad_id, teacher_logits=torch.cat(logits))
 
 
 # --------------------------------------------------------------------------- sentences written by the language model
 
-LM_SAMPLING = dict(temperature=0.9, top_k=50, max_new_tokens=32)  # fluent, yet varied
+# Fluent, yet varied; 20 new tokens end all but the longest of CoLA's sentences (the rest are dropped).
+LM_SAMPLING = dict(temperature=0.9, top_k=50, max_new_tokens=20)
 
 
 def lm_sentences(teacher, tok, texts, n, seed, cache_dir, batch_size):
@@ -291,7 +307,7 @@ def lm_sentences(teacher, tok, texts, n, seed, cache_dir, batch_size):
         if k % 20 == 0 or k + 1 == len(batches):
             print(f"transfer set: language model, batch {k + 1} of {len(batches)}: {len(out)} sentences kept, "
                   f"{time.time() - t0:.0f} s", flush=True)
-    print(f"transfer set: {len(out)} sentences written by {teacher.base} from {len(prompts)} prompts ({n} per training "
+    print(f"transfer set: {len(out)} sentences written by {teacher.base} from {len(prompts)} prompts ({n:g} per training "
           f"sentence, {len(out) / max(1, len(prompts)):.0%} kept) in {time.time() - t0:.0f} s")
     if is_main():
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
@@ -312,7 +328,7 @@ def sample_rows(lm, ids, generator, stops, teacher):
     B, T = ids.shape
     rows, done = [[] for _ in range(B)], torch.zeros(B, dtype=torch.bool)
     kw = {k: v for k, v in LM_SAMPLING.items() if k != "max_new_tokens"}
-    with autocast(teacher.device, teacher.amp):
+    with torch.no_grad():  # a model in half precision is cast whole (Teacher.cast): no autocast
         if hasattr(lm, "generate_tokens"):  # the hand-written GPT-2: its own generate() with a KV cache
             steps = lm.generate_tokens(ids, LM_SAMPLING["max_new_tokens"], generator=generator, **kw)
         else:
@@ -345,9 +361,22 @@ def teacher_precision(args, device, amp):
         return autocast_dtype(choice, device)
     if device.type == "cuda":
         return torch.bfloat16
-    if device.type == "cpu" and cpu_matmul_seconds(torch.bfloat16) < 0.7 * cpu_matmul_seconds(torch.float32):
+    if device.type == "cpu" and linear_seconds(torch.bfloat16) < 0.7 * linear_seconds(torch.float32):
         return torch.bfloat16
     return amp
+
+
+def linear_seconds(dtype, tokens=1024, width=576, out=1536):
+    """The fastest of five runs of one linear layer of a small teacher's size (a batch of 1024 tokens through
+    SmolLM2's 576 -> 1536), in dtype on the CPU: where the CPU has bf16 matrix units (AMX, AVX512-BF16) it
+    runs several times faster than fp32; elsewhere slower."""
+    x, w = torch.randn(tokens, width, dtype=dtype), torch.randn(out, width, dtype=dtype)
+    times = []
+    for _ in range(6):
+        t0 = time.perf_counter()
+        torch.nn.functional.linear(x, w)
+        times.append(time.perf_counter() - t0)
+    return min(times[1:])
 
 
 def train_student(args, seed, rnn_config, embeddings, train_set, task, teacher, extras, device, amp):

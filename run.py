@@ -99,9 +99,9 @@ def add_student(p, distil):
                        help="start the student's token embeddings from the teacher's (PCA to --emb-dim)")
         p.add_argument("--kd-loss", default="kl", choices=["kl", "mse"], help="the soft term: T^2-scaled KL of the "
                        "softened distributions (Hinton et al.), or mean squared error of the logits (Tang et al.)")
-        p.add_argument("--transfer-lm", type=int, default=0, metavar="N", help="N sentences per training sentence "
+        p.add_argument("--transfer-lm", type=float, default=0, metavar="N", help="N sentences per training sentence "
                        "written by the teacher's base language model (prompted with the sentence's first words), "
-                       "taught by the teacher only; seeded and cached")
+                       "taught by the teacher only; seeded and cached. A fraction: one for that share of them")
         p.add_argument("--shared-transfer", action="store_true", help="one transfer set (seeded by SR) for every "
                        "seed of --seeds, so the teacher labels it once")
         p.add_argument("--teacher-precision", default="auto", choices=["auto", "fp32", "bf16"],
@@ -109,7 +109,7 @@ def add_student(p, distil):
                        "faster than fp32 (measured), else --precision")
         p.add_argument("--teacher-batch-size", type=positive(int), default=128,
                        help="sentences per teacher batch (sorted by length, so little padding)")
-        p.add_argument("--lm-batch-size", type=positive(int), default=64, help="prompts per batch of --transfer-lm")
+        p.add_argument("--lm-batch-size", type=positive(int), default=128, help="prompts per batch of --transfer-lm")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -208,8 +208,8 @@ def build_parser():
     p.add_argument("--port", type=positive(int), default=8000, help="the port to listen on")
     p.add_argument("--max-batch", type=positive(int), default=64, help="rows per forward pass, and the most "
                    "inputs one request may have")
-    p.add_argument("--batch-window", type=non_negative, default=5.0, help="milliseconds the batcher waits for "
-                   "more requests after the first of a batch")
+    p.add_argument("--batch-window", type=non_negative, default=10.0, help="milliseconds: a batch takes more "
+                   "requests while they come less than this apart (for at most 10 windows)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level")
     return parser

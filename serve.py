@@ -27,7 +27,7 @@ from typing import Annotated
 import torch
 from fastapi import Body, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field, StrictStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -86,7 +86,18 @@ class Health(BaseModel):
     status: str
     base: str | None
     adapters: int
-    queued: int
+    queued: int = Field(description="requests waiting for the next batch")
+    batches: int = Field(description="forward passes run so far")
+    rows: int = Field(description="inputs classified so far")
+
+
+class ErrorBody(BaseModel):
+    error: str = Field(description="what is wrong, in one line")
+
+
+def errors(*codes):
+    """The error answers of an endpoint, for its schema at /docs: all are ErrorBody."""
+    return {code: {"model": ErrorBody} for code in codes}
 
 
 class ServeError(Exception):
@@ -151,15 +162,16 @@ class Service:
             raise UserError(f"{name}: an adapter needs a base model, and this service runs students only; start it "
                             f"with --model or with an adapter among its --adapter flags.")
         settings, tensors, extras = read_adapter(path)
-        n = label_count((settings, tensors, extras))
-        labels = extras.get("labels") or [f"LABEL_{i}" for i in range(n)]
-        if len(labels) != n:
-            raise UserError(f"adapter {name}: its run_config.json names {len(labels)} labels, its head has {n} rows.")
+        labels = extras.get("labels") or [f"LABEL_{i}" for i in range(label_count((settings, tensors, {})))]
+        rows = next((t.shape[0] for k, t in tensors.items() if k in ("score.weight", "classifier.weight")), len(labels))
+        if len(labels) != rows:
+            raise UserError(f"adapter {name}: its run_config.json names {len(labels)} labels, its head has {rows} "
+                            f"rows; they must agree.")
         info = AdapterInfo(name=name, kind="adapter", method={"lora": "LoRA", "ia3": "IA3"}[settings["kind"]],
                            rank=settings.get("r") if settings["kind"] == "lora" else None, task=extras.get("task"),
                            labels=labels, base=extras.get("model") or settings.get("base_model_name_or_path"),
                            parameters=sum(t.numel() for t in tensors.values()),
-                           size=sum(t.numel() * 4 for t in tensors.values()))
+                           size=sum(t.numel() * t.element_size() for t in tensors.values()))
         max_length = min(extras.get("max_length") or 1024, self.info["block_size"])
         with self.lock:
             new = name + "\0new"  # added beside the one it replaces, which stays when the new one does not fit
@@ -257,9 +269,13 @@ class Service:
 # --------------------------------------------------------------------------- batching
 
 class Batcher:
-    """A queue of requests drained by one worker: it takes everything that has arrived (waiting up to
-    `window` seconds for more after the first, up to max_batch rows, never splitting a request) and runs it
-    as one Service.run in its own thread, one batch at a time, while the event loop takes new requests."""
+    """A queue of requests drained by one worker: it takes everything that has arrived, and more while it
+    keeps coming (each next request within `window` seconds of the last, for at most LINGER windows in all),
+    up to max_batch rows, never splitting a request; and runs it as one Service.run in its own thread, one
+    batch at a time, while the event loop takes new requests. Under load, the clients answered by one batch
+    send their next requests in a burst that a fixed window would cut short: the next batch waits for the
+    burst, not for the slowest of them (a gap of one window ends it)."""
+    LINGER = 10
 
     def __init__(self, service, window, max_batch):
         self.service, self.window, self.max_batch = service, window, max_batch
@@ -267,6 +283,7 @@ class Batcher:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
         self.task = None
         self.carry = None  # a request that did not fit the last batch: first in the next
+        self.batches = self.rows = 0
 
     async def start(self):
         self.queue = asyncio.Queue()
@@ -290,12 +307,12 @@ class Batcher:
         batch = [self.carry or await self.queue.get()]
         self.carry = None
         n = len(batch[0][0])
-        deadline = loop.time() + self.window
+        start = loop.time()
         while n < self.max_batch:
             try:
                 item = self.queue.get_nowait()
             except asyncio.QueueEmpty:
-                timeout = deadline - loop.time()
+                timeout = min(self.window, start + self.LINGER * self.window - loop.time())
                 if timeout <= 0:
                     break
                 try:
@@ -316,6 +333,7 @@ class Batcher:
             if not batch:
                 continue
             rows = [r for request, _ in batch for r in request]
+            self.batches, self.rows = self.batches + 1, self.rows + len(rows)
             try:
                 results = await loop.run_in_executor(self.executor, self.service.run, rows)
             except Exception as e:  # a bug, not the client's doing: every request of the batch gets a 500
@@ -382,23 +400,31 @@ def build_app(service, batcher, adapters_dir=None, max_batch=64):
         return JSONResponse({"error": f"internal error ({type(e).__name__}); the server log has the details"},
                             status_code=500)
 
-    @app.post("/classify", response_model=ClassifyResponse)
-    async def classify(body: ClassifyRequest):
+    @app.post("/classify", response_model=ClassifyResponse, responses=errors(400, 404, 413, 422, 500))
+    async def classify(body: ClassifyRequest, request: Request):
         if len(body.inputs) > max_batch:
             raise ServeError(413, f"inputs has {len(body.inputs)} items; at most {max_batch} per request "
                                   f"(--max-batch): split it")
-        return {"outputs": await batcher.classify(service.encode(body.inputs))}
+        work = asyncio.ensure_future(batcher.classify(service.encode(body.inputs)))
+        gone = asyncio.ensure_future(disconnected(request))
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        gone.cancel()
+        if not work.done():  # the client left: its rows are dropped from the queue, nobody reads an answer
+            work.cancel()
+            return Response(status_code=499)
+        return {"outputs": work.result()}
 
     @app.get("/health", response_model=Health)
     async def health():
         return {"status": "ok", "base": service.base_name, "adapters": len(service.loaded),
-                "queued": batcher.queue.qsize() if batcher.queue else 0}
+                "queued": batcher.queue.qsize() if batcher.queue else 0, "batches": batcher.batches,
+                "rows": batcher.rows}
 
     @app.get("/adapters", response_model=AdapterList)
     async def adapters():
         return {"base": service.base_name, "adapters": [e.info for _, e in sorted(service.loaded.items())]}
 
-    @app.put("/adapters/{name}", response_model=AdapterInfo, status_code=201)
+    @app.put("/adapters/{name}", response_model=AdapterInfo, status_code=201, responses=errors(400, 403, 404, 422))
     def load(name: str, body: Annotated[LoadRequest | None, Body()] = None):  # def: runs in a thread
         if adapters_dir is None:
             raise ServeError(403, "loading at runtime is off: start the service with --adapters-dir DIR")
@@ -412,12 +438,19 @@ def build_app(service, batcher, adapters_dir=None, max_batch=64):
             message = str(e).replace(str(path), relative).replace(str(adapters_dir), "<adapters-dir>")
             raise ServeError(422, message.removeprefix("--adapter ")) from None
 
-    @app.delete("/adapters/{name}")
+    @app.delete("/adapters/{name}", responses=errors(404))
     def unload(name: str):
         service.unload(name)
         return {"unloaded": name}
 
     return app
+
+
+async def disconnected(request):
+    """Returns when the client has gone (the body is read by then: the server's next message is the
+    disconnect, or the end of the response)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def resolve_under(root, relative):

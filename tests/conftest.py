@@ -39,13 +39,34 @@ def save_hf_gpt2(path, seed=0, with_tokenizer=True, **shape):
     return path
 
 
+# Tiny models gain nothing from a second thread, and the CPU is shared (runs are made together): the tests compute on
+# one thread, in-process and in the processes they start, unless OMP_NUM_THREADS says otherwise (OMP_NUM_THREADS=2
+# python -m pytest shakes out results that hang on the order of a sum).
+THREADS = os.environ.get("OMP_NUM_THREADS") or "1"
+# Two threads on a busy CPU wait at every barrier: under a load of 10 on 2 cores, gpt2's 80 greedy tokens took 51 s on
+# two threads and 7 s on one.
+torch.set_num_threads(int(THREADS))
+
+
 @pytest.fixture
 def one_thread():
-    """Tiny models gain nothing from a second thread, and the CPU is shared: one torch thread for the test."""
+    """One torch thread for the test (or $OMP_NUM_THREADS), restored afterwards."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(int(THREADS))
     yield
     torch.set_num_threads(threads)
+
+
+def copy_checkpoint(src, dst, with_tokenizer=False, **config):
+    """A copy of the checkpoint in src (its config.json with these entries changed, its weights, and its tokenizer
+    files if asked) in dst: cheaper than save_hf_gpt2 again, and the same files."""
+    import json
+    dst.mkdir(parents=True)
+    names = ["model.safetensors"] + (["vocab.json", "merges.txt"] if with_tokenizer else [])
+    for name in names:
+        shutil.copy(src / name, dst / name)
+    (dst / "config.json").write_text(json.dumps({**json.loads((src / "config.json").read_text()), **config}))
+    return dst
 
 
 TINY = dict(n_layer=2, n_head=4, n_embd=64, n_positions=256)  # full GPT-2 vocabulary, so the real tokenizer fits
@@ -64,13 +85,33 @@ def gpt2_dir(tmp_path_factory):
 
 # --------------------------------------------------------------------------- the command line, as a user runs it
 
-def run(*args, env=None, cwd=ROOT, launcher=(), script=ROOT / "run.py", timeout=600):
+def run(*args, env=None, cwd=ROOT, launcher=(), script=ROOT / "run.py", timeout=600, umask=-1):
     """python [LAUNCHER] run.py ARGS (from the repository root unless cwd is given), offline; returns the
-    CompletedProcess. launcher: e.g. ("-m", "torch.distributed.run", ...) for torchrun."""
+    CompletedProcess. launcher: e.g. ("-m", "torch.distributed.run", ...) for torchrun. umask: the process's."""
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-                "OMP_NUM_THREADS": "1", **(env or {})}  # one thread: tiny models, and no oversubscription
+                "OMP_NUM_THREADS": THREADS, **(env or {})}  # one thread: tiny models, and no oversubscription
     return subprocess.run([sys.executable, *launcher, str(script), *map(str, args)], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, errors="replace", timeout=timeout)
+                          capture_output=True, text=True, errors="replace", timeout=timeout, umask=umask)
+
+
+def together(*calls):
+    """Make independent calls (say, lambda: run(...)) at the same time, in threads; their results, in order.
+    A run.py process is on one thread and mostly importing: the others use the cores it leaves idle."""
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(len(calls)) as pool:
+        return [f.result() for f in [pool.submit(call) for call in calls]]
+
+
+@pytest.fixture(scope="session")
+def lora_7(tiny_dir, tmp_path_factory):
+    """`run.py LoRA 7` on the tiny model and 200 CoLA sentences (with --export-peft): the run of test_cli_lora and
+    the teacher of test_cli_distil. With the same run again elsewhere, made at the same time (is it reproducible?):
+    (directory, the first run's process, the second's); the runs in out/ and again/out/."""
+    tmp = tmp_path_factory.mktemp("lora-7")
+    args = lambda where, *extra: ["LoRA", 7, "--model", tiny_dir, "--data-dir", COLA_DIR, "--limit-train", 200,
+                                  "--epochs", 1, "--out-dir", where / "out", "--plots-dir", where / "plots", *extra]
+    first, again = together(lambda: run(*args(tmp, "--export-peft", tmp / "peft")), lambda: run(*args(tmp / "again")))
+    return tmp, ok(first), ok(again)
 
 
 def ok(proc):

@@ -491,39 +491,63 @@ def word_data(path, n, seed):
     return path
 
 
+def every_mode(directory, tmp):
+    """The commands of test_every_mode_on_a_transformers_backbone on one backbone, in three rounds of runs that
+    need nothing of each other (each round's runs at the same time): {name: CompletedProcess}."""
+    from conftest import run, together
+    train, dev = word_data(tmp / "train.tsv", 160, 1), word_data(tmp / "dev.tsv", 60, 2)
+    data = ["--train-file", train, "--eval-file", dev, "--plots-dir", tmp / "plots"]
+    out, ia3 = tmp / "models" / "LoRA_3", tmp / "models" / "ia3"
+    (tmp / "in.txt").write_text("w1 w2 w3\nw12 w13 w14\n")
+    student = ["--models-dir", tmp / "models", *data, "--epochs", 2, "--emb-dim", 8, "--hidden", 8]
+    procs = dict(zip(["lora", "ia3", "gen"], together(
+        lambda: run("LoRA", 3, "--model", directory, *data, "--epochs", 3, "--lr", 3e-2, "--batch-size", 16,
+                    "--out-dir", out),
+        lambda: run("LoRA", 3, "--model", directory, *data, "--epochs", 1, "--peft", "ia3", "--out-dir", ia3),
+        lambda: run("gen", 3, "--model", directory, "--max-new-tokens", 2))))
+    procs.update(zip(["predict", "distil"], together(
+        lambda: run("predict", 3, "--adapter", f"lora={out}", "--adapter", f"ia3={ia3}", "--input", tmp / "in.txt"),
+        lambda: run("distil", 3, *student, "--augment", 1))))
+    procs.update(zip(["rnn", "distil_cached"], together(  # rnn after distil: then the comparison is written
+        lambda: run("rnn", 3, *student), lambda: run("distil", 4, *student, "--teacher", out))))
+    return procs
+
+
+@pytest.fixture(scope="module")
+def every_mode_runs(tiny, tmp_path_factory):
+    """{family: (directory, runs)} of every_mode for BERT and Llama, the two at the same time."""
+    from conftest import together
+    tmps = {f: tmp_path_factory.mktemp(f"every-mode-{f}") for f in ("bert", "llama")}
+    runs = together(*(lambda f=f: every_mode(tiny[f], tmps[f]) for f in tmps))
+    return {f: (tmps[f], r) for f, r in zip(tmps, runs)}
+
+
 @pytest.mark.parametrize("family", ["bert", "llama"])
-def test_every_mode_on_a_transformers_backbone(tiny, tmp_path, family):
+def test_every_mode_on_a_transformers_backbone(tiny, every_mode_runs, family):
     """LoRA (the family's default targets), predict with two adapters over one base, distil with that teacher
     (its tokenizer for the student), rnn, and the comparison: the same commands as with GPT-2."""
-    from conftest import ok, run
-    train, dev = word_data(tmp_path / "train.tsv", 160, 1), word_data(tmp_path / "dev.tsv", 60, 2)
-    data = ["--train-file", train, "--eval-file", dev, "--plots-dir", tmp_path / "plots"]
+    from conftest import ok, user_error
+    tmp_path, procs = every_mode_runs[family]
     out = tmp_path / "models" / "LoRA_3"
-    proc = ok(run("LoRA", 3, "--model", tiny[family], *data, "--epochs", 3, "--lr", 3e-2, "--batch-size", 16,
-                  "--out-dir", out))
+    proc = ok(procs["lora"])
     defaults = " ".join(FAMILY_TARGETS[family]["lora"])
     assert f"target modules ({family} defaults): {defaults}" in proc.stdout
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["fan_in_fan_out"] is False and config["target_modules"] == list(FAMILY_TARGETS[family]["lora"])
     best = json.loads((out / "run_config.json").read_text())["best"]
     assert best["dev_acc"] >= 0.9, best  # it learns through the CLI too
-    ia3 = tmp_path / "models" / "ia3"
-    ok(run("LoRA", 3, "--model", tiny[family], *data, "--epochs", 1, "--peft", "ia3", "--out-dir", ia3))
-    (tmp_path / "in.txt").write_text("w1 w2 w3\nw12 w13 w14\n")
-    lines = ok(run("predict", 3, "--adapter", f"lora={out}", "--adapter", f"ia3={ia3}", "--input",
-                   tmp_path / "in.txt")).stdout.splitlines()
+    ok(procs["ia3"])
+    lines = ok(procs["predict"]).stdout.splitlines()
     assert len(lines) == 2 and all(line.startswith("lora: ") and "  ia3: " in line for line in lines)
-    student = ["--models-dir", tmp_path / "models", *data, "--epochs", 2, "--emb-dim", 8, "--hidden", 8]
-    proc = ok(run("distil", 3, *student, "--augment", 1))
+    proc = ok(procs["distil"])
     assert "teacher logits for the training and dev sentences (220 sentences): computed" in proc.stdout
     run_config = json.loads((tmp_path / "models" / "distil_3" / "run_config.json").read_text())
     assert run_config["tokenizer"] == str(tiny[family]) and run_config["student"]["vocab_size"] == VOCAB
-    ok(run("rnn", 3, *student))
+    ok(procs["rnn"])
     assert (tmp_path / "plots" / "compare_3.md").is_file()
-    assert "read from the cache" in ok(run("distil", 4, *student, "--teacher", out)).stdout
+    assert "read from the cache" in ok(procs["distil_cached"]).stdout
     # gen is the hand-written GPT-2's alone: another family is refused by name, not crashed on.
-    from conftest import user_error
-    err = user_error(run("gen", 3, "--model", tiny[family], "--max-new-tokens", 2))
+    err = user_error(procs["gen"])
     assert "gen runs the hand-written GPT-2 only" in err and str(tiny[family]) in err
 
 

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from conftest import COLA_DIR, needs_cola, needs_tokenizer, ok, run, user_error
+from conftest import COLA_DIR, needs_cola, needs_tokenizer, ok, run, together, user_error
 
 pytestmark = [needs_tokenizer, needs_cola]
 TIMING = ("train_sentences_per_s", "train_seconds")
@@ -19,11 +19,11 @@ def metrics(run_dir):
 
 
 @pytest.fixture(scope="module")
-def teacher(tiny_dir, tmp_path_factory):
-    """models/LoRA_7 from `run.py LoRA 7` on the tiny model: the teacher of every test here."""
+def teacher(lora_7, tmp_path_factory):
+    """models/LoRA_7: conftest's `run.py LoRA 7` on the tiny model and 200 CoLA sentences, the teacher of every
+    test here."""
     tmp = tmp_path_factory.mktemp("distil-cli")
-    ok(run("LoRA", 7, "--model", tiny_dir, "--data-dir", COLA_DIR, "--limit-train", 160, "--epochs", 1,
-           "--out-dir", tmp / "models" / "LoRA_7", "--plots-dir", tmp / "plots"))
+    shutil.copytree(lora_7[0] / "out", tmp / "models" / "LoRA_7")
     return tmp
 
 
@@ -98,15 +98,14 @@ def test_corrupt_cache_is_recomputed_with_a_warning(students):
             f.write_bytes(data)
 
 
-def test_distil_with_alpha_zero_is_the_rnn_run(teacher):
+def test_distil_with_alpha_zero_is_the_rnn_run(students):
     """Fairness: with the teacher's term off and no transfer set, distil and rnn train the same student
-    identically (same init, data order, dropout, schedule)."""
-    models, plots = teacher / "fair", teacher / "fair-plots"
-    shutil.copytree(teacher / "models" / "LoRA_7", models / "LoRA_7")
-    common = ["--models-dir", models, "--plots-dir", plots, *SMALL]
-    ok(run("distil", 7, *common, "--alpha", 0))
-    ok(run("rnn", 7, *common))
-    assert metrics(models / "distil_7") == metrics(models / "rnn_7")
+    identically (same init, data order, dropout, schedule). The rnn run is the students' `rnn 7`: the same flags."""
+    models, plots, _, _ = students
+    fair = models.parent / "fair"
+    shutil.copytree(models / "LoRA_7", fair / "LoRA_7")
+    ok(run("distil", 7, "--models-dir", fair, "--plots-dir", plots.parent / "fair-plots", *SMALL, "--alpha", 0))
+    assert metrics(fair / "distil_7") == metrics(models / "rnn_7")  # exactly: the same computation
 
 
 def test_seeds_runs_several_students_and_reports_mean_and_std(teacher):
@@ -145,6 +144,57 @@ def test_predict_refuses_a_student_with_another_tokenizer(students, tmp_path):
     assert "another tokenizer" in msg
 
 
+def test_shared_transfer_set_is_labelled_once_for_all_seeds(teacher):
+    """--shared-transfer: one transfer set (seeded by SR) for the seeds of --seeds: the teacher labels it once,
+    and every seed trains on the same sentences."""
+    models, plots = teacher / "shared", teacher / "shared-plots"
+    shutil.copytree(teacher / "models" / "LoRA_7", models / "LoRA_7")
+    shared, own = together(  # the second: without the flag
+        lambda: run("distil", 7, "--models-dir", models, "--plots-dir", plots, *SMALL, "--epochs", 1, "--seeds", 2,
+                    "--augment", 2, "--shared-transfer"),
+        lambda: run("distil", 7, "--models-dir", teacher / "own", "--teacher", models / "LoRA_7", "--plots-dir",
+                    teacher / "own-plots", *SMALL, "--epochs", 1, "--seeds", 2, "--augment", 2))
+    out = ok(shared).stdout
+    assert out.count("teacher logits for the transfer set") == 1 and "computed in" in out, out
+    assert "of seed 8" not in out
+    assert out.count("unlabelled sentences, taught by the teacher") == 1
+    # without the flag each seed has its own transfer set, labelled by the teacher each time
+    out = ok(own).stdout
+    assert out.count("teacher logits for the transfer set") == 2 and "of seed 8" in out
+
+
+def test_predict_with_a_data_vocabulary_student_gives_the_training_evaluation(teacher, tmp_path):
+    """--student-vocab data: the id -> row mapping travels in student.safetensors, so `run.py predict` gives the
+    dev accuracy that training's evaluation recorded, and the probabilities of the student loaded in-process."""
+    import torch
+    from backbones import load_any_tokenizer
+    from data import Examples, load_cola
+    from train_utils import predict_logits
+    from utils import load_student
+    models, plots = teacher / "vocab", teacher / "vocab-plots"
+    shutil.copytree(teacher / "models" / "LoRA_7", models / "LoRA_7")
+    out = ok(run("distil", 7, "--models-dir", models, "--plots-dir", plots, *SMALL, "--epochs", 1,
+                 "--student-vocab", "data", "--augment", 1)).stdout
+    assert "vocabulary of the data" in out
+    config = json.loads((models / "distil_7" / "run_config.json").read_text())
+    assert 0 < config["student"]["rows"] < config["student"]["vocab_size"]
+    sentences, labels = load_cola(COLA_DIR)["dev"]
+    (tmp_path / "dev.txt").write_text("\n".join(sentences) + "\n")
+    lines = ok(run("predict", 7, "--adapter", models / "distil_7", "--input", tmp_path / "dev.txt")).stdout.splitlines()
+    names = config["labels"]
+    predicted = [names.index(line.split(" (")[0]) for line in lines]
+    acc = sum(p == y for p, y in zip(predicted, labels)) / len(labels)
+    assert acc == pytest.approx(config["best"]["dev_acc"], abs=1e-12)
+    student, _ = load_student(models / "distil_7")
+    tok = load_any_tokenizer(config["tokenizer"])
+    probs = predict_logits(student, Examples.encode(tok, sentences, labels, config["max_length"]),
+                           torch.device("cpu"), 64, progress=False).softmax(-1)
+    shown = [float(line.split(" (")[1].split(")")[0]) for line in lines]
+    # printed to 3 decimals (<= 5e-4 off), computed there in other batches (~1e-7): near a rounding boundary, 1e-9
+    # of slack would not do
+    assert all(abs(float(p.max()) - q) <= 5e-4 + 1e-6 for p, q in zip(probs, shown))
+
+
 def test_no_teacher_names_the_command_and_writes_nothing(tmp_path):
     msg = user_error(run("distil", 7, "--models-dir", tmp_path / "models", "--plots-dir", tmp_path / "plots",
                          *SMALL))
@@ -174,6 +224,9 @@ def test_teacher_for_another_model_is_a_clean_error_and_writes_nothing(teacher, 
 @pytest.mark.parametrize("flags, message", [
     (["--alpha", "1.5"], "--alpha 1.5"),
     (["--augment", "-1"], "--augment -1"),
+    (["--transfer-lm", "-1"], "--transfer-lm -1"),
+    (["--kd-loss", "l1"], "argument --kd-loss"),
+    (["--student-vocab", "tiny"], "argument --student-vocab"),
     (["--seeds", "0"], "argument --seeds"),
     (["--rnn-type", "transformer"], "argument --rnn-type"),
 ])

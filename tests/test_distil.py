@@ -284,3 +284,97 @@ if __name__ == "__main__":  # PYTHONPATH=. python tests/test_distil.py: the synt
         for name, alpha, n in rows:
             accs = [synthetic_best_dev_acc(f"{tmp}/{name}{seed}".replace(" ", "_"), alpha, n, seed) for seed in (0, 1, 2)]
             print(f"| {name} | {' / '.join(f'{a:.2f}' for a in accs)} | {sum(accs) / 3:.2f} |")
+
+
+# --------------------------------------------------------------------------- the levers of distillation
+
+def test_mse_kd_loss_equals_the_formula_by_hand():
+    """--kd-loss mse: alpha * mean_i mean_c (z_s - z_t)^2 + (1 - alpha) CE, term by term with Python floats."""
+    for alpha in (0.5, 1.0):
+        got = kd_loss(STUDENT, {"labels": LABELS, "teacher_logits": TEACHER}, temperature=4.0, alpha=alpha, loss="mse")
+        mse = sum((a - b) ** 2 for s, t in zip(STUDENT.tolist(), TEACHER.tolist()) for a, b in zip(s, t)) / STUDENT.numel()
+        ce = -sum(math.log(math.exp(s[y]) / sum(math.exp(x) for x in s))
+                  for s, y in zip(STUDENT.tolist(), LABELS.tolist())) / len(LABELS)
+        # float32 sums of a few squares ~1-16 against float64: rel 1e-6 is 8 ulps
+        assert float(got) == pytest.approx(alpha * mse + (1 - alpha) * ce, rel=1e-6, abs=0)
+    # the temperature plays no part, and the gradient is 2 (z_s - z_t) / (classes * sentences)
+    z = STUDENT.clone().requires_grad_(True)
+    kd_loss(z, {"labels": LABELS, "teacher_logits": TEACHER}, temperature=1.0, alpha=1.0, loss="mse").backward()
+    assert torch.allclose(z.grad, 2 * (STUDENT - TEACHER) / STUDENT.numel(), rtol=1e-6, atol=1e-7)
+
+
+def test_data_vocabulary_maps_ids_to_rows_and_survives_save_and_load(tmp_path):
+    """--student-vocab data: rows for the kept token ids only (+ the unknown row 0); the tokenizer's ids go
+    in, the mapping is saved in student.safetensors, and a loaded student gives the same logits."""
+    from utils import load_student, save_student
+    kept = [3, 17, 42, 99]
+    torch.manual_seed(0)
+    model = DistilRNN(RNNConfig(vocab_size=100, emb_dim=8, hidden=8, rows=len(kept) + 1))
+    model.keep_tokens(kept)
+    full = DistilRNN(RNNConfig(vocab_size=100, emb_dim=8, hidden=8))
+    assert model.embed.weight.shape == (5, 8)
+    assert sum(p.numel() for p in full.parameters()) - sum(p.numel() for p in model.parameters()) == 95 * 8
+    assert model.vocab_map[kept].tolist() == [1, 2, 3, 4] and int(model.vocab_map[[0, 5, 98]].abs().sum()) == 0
+    assert float(model.embed.weight[0].detach().abs().sum()) == 0.0  # the unknown row adds nothing until trained
+    model.eval()
+    ids = torch.tensor([[3, 17, 42, 99], [42, 7, 3, 55]])  # 7 and 55 are unknown
+    # an unknown token reads the same row as any other unknown one
+    assert torch.equal(model(ids), model(torch.tensor([[3, 17, 42, 99], [42, 8, 3, 56]])))
+    save_student(model, tmp_path / "s", {"labels": ["a", "b"]})
+    loaded, extras = load_student(tmp_path / "s")
+    assert extras["student"]["rows"] == 5 and loaded.vocab_map.dtype == torch.int32
+    assert torch.equal(loaded(ids), model(ids))
+
+
+def test_lm_prompts_and_sentence_filter():
+    from data import lm_prompts, lm_sentence
+    sentences = ["the quick brown fox jumps over the lazy dog", "John likes Mary", "Go"]
+    p = lm_prompts(sentences, 3, seed=1)
+    assert p == lm_prompts(sentences, 3, seed=1) and len(p) == 9
+    assert all(s.startswith(q) for s, q in zip([x for x in sentences for _ in range(3)], p))
+    assert all(1 <= len(q.split()) <= 4 for q in p) and all(len(q.split()) <= 2 for q in p[3:6])
+    quarter = lm_prompts(sentences * 100, 0.25, seed=3)  # a fraction: one prompt for about that share
+    assert 40 <= len(quarter) <= 110 and quarter == lm_prompts(sentences * 100, 0.25, seed=3)
+    assert lm_sentence("John", " likes the red car. And then") == "John likes the red car."
+    assert lm_sentence("John", " likes\n\nthe car.") is None           # a line break
+    assert lm_sentence("John", " likes 3 cars.") is None               # numbers
+    assert lm_sentence("John", " left") is None                        # no end
+    assert lm_sentence("John", " left.") is None                       # too short
+    assert lm_sentence("The", " man who " + "saw " * 40 + "it.") is None  # a run-on
+
+
+class TinyLM:
+    """A stand-in for distil.Teacher as lm_sentences uses it: the tiny random GPT-2 as the base model."""
+
+    def __init__(self, base):
+        self.base, self.gguf, self.amp, self.device, self.loads = str(base), None, None, CPU, 0
+
+    def language_model(self):
+        from utils import load_gpt
+        self.loads += 1
+        lm = load_gpt(self.base)
+        lm.generate_tokens = lm.generate
+        return lm.eval()
+
+
+def test_lm_sentences_are_seeded_and_cached(tiny_dir, tmp_path, monkeypatch, capsys):
+    """--transfer-lm: the same seed writes the same sentences, another seed others; the second call reads
+    the cache and never loads the language model."""
+    from conftest import TOKENIZER_DIR
+    if not (TOKENIZER_DIR / "vocab.json").exists():
+        pytest.skip(f"{TOKENIZER_DIR} is not here")
+    import distil
+    from utils import load_tokenizer
+    # A random model writes no sentence that passes the filter: keep every continuation, to compare them.
+    monkeypatch.setattr(distil, "lm_sentence", lambda prompt, continuation: prompt + continuation)
+    tok = load_tokenizer(TOKENIZER_DIR)
+    texts = ["The cat sat on the mat.", "John likes Mary very much.", "She left early."]
+    lm = TinyLM(tiny_dir)
+    a = distil.lm_sentences(lm, tok, texts, 2, seed=1, cache_dir=tmp_path / "c1", batch_size=4)
+    b = distil.lm_sentences(lm, tok, texts, 2, seed=1, cache_dir=tmp_path / "c2", batch_size=4)
+    c = distil.lm_sentences(lm, tok, texts, 2, seed=2, cache_dir=tmp_path / "c2", batch_size=4)
+    assert lm.loads == 3 and a == b and a != c and len(a) == 6
+    assert all(any(s.startswith(t.split()[0]) for t in texts) for s in a)  # prompts are the sentences' first words
+    capsys.readouterr()
+    assert distil.lm_sentences(lm, tok, texts, 2, seed=1, cache_dir=tmp_path / "c1", batch_size=4) == a
+    assert lm.loads == 3 and "the language model did not run" in capsys.readouterr().out

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import ROOT, TINY, needs_tokenizer, save_hf_gpt2
+from conftest import ROOT, THREADS, TINY, copy_checkpoint, needs_tokenizer, save_hf_gpt2, together
 from model import padding_mask
 from utils import UserError, load_gpt
 
@@ -30,8 +30,14 @@ def padded_batch(vocab, lengths, seed=0):
     return ids, mask
 
 
-def assert_logits_match(path, vocab, lengths):
-    ours, theirs = load_gpt(str(path)).eval(), hf_model(path)
+@pytest.fixture(scope="module")
+def gpt2_models(gpt2_dir):
+    """Ours and transformers' GPT-2 of the real shape (random weights), loaded once for the tests that need both."""
+    return load_gpt(str(gpt2_dir)).eval(), hf_model(gpt2_dir)
+
+
+def assert_logits_match(path, vocab, lengths, models=None):
+    ours, theirs = models or (load_gpt(str(path)).eval(), hf_model(path))
     ids, mask = padded_batch(vocab, lengths)
     with torch.no_grad():
         a = ours(ids, mask)
@@ -49,8 +55,8 @@ def test_logits_match_transformers_tiny_padded(tiny_dir):
     assert_logits_match(tiny_dir, 50257, [17, 9, 3, 12])
 
 
-def test_logits_match_transformers_gpt2_shape(gpt2_dir):
-    ours, *_ = assert_logits_match(gpt2_dir, 50257, [24, 11, 5])
+def test_logits_match_transformers_gpt2_shape(gpt2_dir, gpt2_models):
+    ours, *_ = assert_logits_match(gpt2_dir, 50257, [24, 11, 5], gpt2_models)
     assert sum(p.numel() for p in ours.parameters()) == 124_439_808  # GPT-2 small, lm_head tied
 
 
@@ -69,14 +75,19 @@ def test_padding_mask_never_empty_rows():
     assert mask.any(-1).all(), "an all-False row makes SDPA return NaN"
 
 
-def test_greedy_generation_matches_transformers(gpt2_dir):
-    ours, theirs = load_gpt(str(gpt2_dir)).eval(), hf_model(gpt2_dir)
+def test_greedy_generation_matches_transformers(gpt2_models):
+    """Our 80 greedy tokens (decoded with our KV cache) are transformers' greedy tokens: each one is the argmax of
+    transformers' logits for the text before it. One forward of transformers' over the whole text checks that, as
+    its generate() would token by token (5x the time), so by induction its generate() gives these 80 tokens."""
+    ours, theirs = gpt2_models
     prompt = torch.tensor([[464, 3290, 286, 1204, 318]])
     new = 80
-    expected = theirs.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
-                               max_new_tokens=new, min_new_tokens=new, pad_token_id=50256)[0, prompt.shape[1]:]
-    got = torch.stack(list(ours.generate(prompt, new, temperature=0)), 1)[0]
-    assert got.tolist() == expected.tolist()
+    got = torch.stack(list(ours.generate(prompt, new, temperature=0)), 1)
+    assert got.shape == (1, new)
+    with torch.no_grad():
+        logits = theirs(input_ids=torch.cat([prompt, got], 1)).logits[0]
+    expected = logits[prompt.shape[1] - 1:-1].argmax(-1)  # the logits at position i choose token i + 1
+    assert got[0].tolist() == expected.tolist()
 
 
 def test_kv_cache_equals_full_recompute(tiny_dir):
@@ -138,7 +149,7 @@ def test_top_k_and_top_p_restrict_the_choice():
 
 
 def test_missing_tensor_is_an_error(tiny_dir, tmp_path):
-    bad = save_hf_gpt2(tmp_path / "bad", with_tokenizer=False, **TINY)
+    bad = copy_checkpoint(tiny_dir, tmp_path / "bad")
     sd = load_file(bad / "model.safetensors")
     missing = "transformer.h.1.mlp.c_fc.weight"
     sd.pop(missing)
@@ -147,8 +158,8 @@ def test_missing_tensor_is_an_error(tiny_dir, tmp_path):
         load_gpt(str(bad))
 
 
-def test_misshaped_tensor_is_an_error(tmp_path):
-    bad = save_hf_gpt2(tmp_path / "bad", with_tokenizer=False, **TINY)
+def test_misshaped_tensor_is_an_error(tiny_dir, tmp_path):
+    bad = copy_checkpoint(tiny_dir, tmp_path / "bad")
     sd = load_file(bad / "model.safetensors")
     sd["transformer.h.0.attn.c_proj.weight"] = torch.zeros(64, 32)
     save_file(sd, bad / "model.safetensors")
@@ -156,8 +167,8 @@ def test_misshaped_tensor_is_an_error(tmp_path):
         load_gpt(str(bad))
 
 
-def test_unexpected_tensor_is_an_error(tmp_path):
-    bad = save_hf_gpt2(tmp_path / "bad", with_tokenizer=False, **TINY)
+def test_unexpected_tensor_is_an_error(tiny_dir, tmp_path):
+    bad = copy_checkpoint(tiny_dir, tmp_path / "bad")
     sd = load_file(bad / "model.safetensors")
     sd["transformer.h.2.ln_1.weight"] = torch.ones(64)
     save_file(sd, bad / "model.safetensors")
@@ -188,29 +199,33 @@ def run_cli(*args, env=None):
                           env=full_env, timeout=300)
 
 
+ONE_THREAD = {"OMP_NUM_THREADS": THREADS}  # runs made together: one core each (conftest)
+
+
 @needs_tokenizer
 def test_gen_cli_prints_text_and_is_reproducible(tiny_dir):
     args = ["gen", "12345", "--model", str(tiny_dir), "--max-new-tokens", "20", "--prompt", "The meaning of life is"]
-    first, second = run_cli(*args), run_cli(*args)
+    first, second, other = together(lambda: run_cli(*args, env=ONE_THREAD), lambda: run_cli(*args, env=ONE_THREAD),
+                                    lambda: run_cli(*args[:1], "54321", *args[2:], env=ONE_THREAD))
     assert first.returncode == 0, first.stderr
     assert first.stdout.startswith("The meaning of life is")
     assert len(first.stdout) > len("The meaning of life is") + 20
     assert first.stdout == second.stdout
-    other = run_cli(*args[:1], "54321", *args[2:])
     assert other.returncode == 0 and other.stdout != first.stdout
 
 
 @needs_tokenizer
 def test_gen_cli_greedy_and_samples(tiny_dir):
-    out = run_cli("gen", "1", "--model", str(tiny_dir), "--temperature", "0", "--num-samples", "2",
-                  "--max-new-tokens", "8")
+    args = ["gen", "5", "--model", str(tiny_dir), "--max-new-tokens", "12", "--prompt", "Once upon a time"]
+    out, alone, four = together(
+        lambda: run_cli("gen", "1", "--model", str(tiny_dir), "--temperature", "0", "--num-samples", "2",
+                        "--max-new-tokens", "8", env=ONE_THREAD),
+        lambda: run_cli(*args, env=ONE_THREAD), lambda: run_cli(*args, "--num-samples", "4", env=ONE_THREAD))
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("----- sample") == 2
     s1, s2 = out.stdout.split("----- sample 2 of 2 -----")
     assert s1.split("-----")[-1].strip() == s2.strip()  # greedy: both samples identical
     # Sampled: the first of four is the text that `gen` draws alone with that SR.
-    args = ["gen", "5", "--model", str(tiny_dir), "--max-new-tokens", "12", "--prompt", "Once upon a time"]
-    alone, four = run_cli(*args), run_cli(*args, "--num-samples", "4")
     assert alone.returncode == 0 and four.returncode == 0, four.stderr
     samples = [s.strip() for s in four.stdout.split("-----")[2::2]]
     assert len(samples) == 4 and samples[0] == alone.stdout.strip() and len(set(samples)) == 4
@@ -235,8 +250,8 @@ def test_gen_cli_hub_unreachable_error():
     assert "no-such-org-xyz/no-such-model" in out.stderr and "--model /path/to/dir" in out.stderr
 
 
-def test_gen_cli_missing_tokenizer_error(tmp_path):
-    d = save_hf_gpt2(tmp_path / "notok", with_tokenizer=False, **TINY)
+def test_gen_cli_missing_tokenizer_error(tiny_dir, tmp_path):
+    d = copy_checkpoint(tiny_dir, tmp_path / "notok")
     out = run_cli("gen", "1", "--model", str(d))
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "no GPT-2 tokenizer" in out.stderr and "--tokenizer" in out.stderr

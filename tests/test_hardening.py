@@ -2,6 +2,7 @@
 resume files without pickle, file modes, CPU threads, and logs off a terminal."""
 import io
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 import data
-from conftest import COLA_DIR, ROOT, TOKENIZER_DIR, needs_cola, needs_tokenizer, ok, run, user_error
+from conftest import COLA_DIR, ROOT, TOKENIZER_DIR, needs_cola, needs_tokenizer, ok, run, together, user_error
 from machine import set_threads
 from utils import RunLock, UserError
 
@@ -140,21 +141,34 @@ def test_no_network_falls_back_to_the_hub_copy_with_both_dev_sets(tmp_path, monk
     assert not (tmp_path / "data").exists()
 
 
+@pytest.fixture(scope="module")
+def bare_runs(tiny_dir, tmp_path_factory):
+    """`python run.py LoRA 3 --model TINY ...` with no --data-dir and no $COLA_DIR, made at the same time from a
+    directory holding data/in_domain_*.tsv (60 lines each) and from an empty one: {name: (directory, process)}."""
+    course, empty = tmp_path_factory.mktemp("course-layout"), tmp_path_factory.mktemp("nothing-here")
+    if COLA_DIR.is_dir():
+        for name in ("in_domain_train.tsv", "in_domain_dev.tsv"):
+            put(course / "data" / name, b"".join((COLA_DIR / name).read_bytes().splitlines(keepends=True)[:60]))
+    procs = together(lambda: run("LoRA", 3, "--model", tiny_dir, "--tokenizer", TOKENIZER_DIR, "--epochs", 1, cwd=course,
+                                 env={"COLA_DIR": ""}),
+                     lambda: run("LoRA", 3, "--model", tiny_dir, cwd=empty, env={"COLA_DIR": ""}))
+    return {"course": (course, procs[0]), "empty": (empty, procs[1])}
+
+
 @needs_tokenizer
 @needs_cola
-def test_the_bare_command_with_the_course_layout(tiny_dir, tmp_path):
+def test_the_bare_command_with_the_course_layout(bare_runs):
     """`python run.py LoRA SR` with no --data-dir, from a directory holding data/in_domain_train.tsv."""
-    for name in ("in_domain_train.tsv", "in_domain_dev.tsv"):
-        put(tmp_path / "data" / name, b"".join((COLA_DIR / name).read_bytes().splitlines(keepends=True)[:60]))
-    proc = ok(run("LoRA", 3, "--model", tiny_dir, "--tokenizer", TOKENIZER_DIR, "--epochs", 1, cwd=tmp_path,
-                  env={"COLA_DIR": ""}))
+    tmp_path, proc = bare_runs["course"]
+    proc = ok(proc)
     assert "CoLA data from data/: data" in proc.stdout and "CoLA: 60 training and 60 dev sentences" in proc.stdout
     assert (tmp_path / "models" / "LoRA_3" / "adapter_model.safetensors").is_file()
     assert "\r" not in proc.stderr  # no tqdm redraws in a log (stderr is a pipe here)
 
 
-def test_offline_and_nothing_here_is_one_clear_error(tiny_dir, tmp_path):
-    msg = user_error(run("LoRA", 3, "--model", tiny_dir, cwd=tmp_path, env={"COLA_DIR": ""}))
+def test_offline_and_nothing_here_is_one_clear_error(bare_runs):
+    tmp_path, proc = bare_runs["empty"]
+    msg = user_error(proc)
     assert "looked in data/cola, data/" in msg and "HF_DATASETS_OFFLINE is set" in msg and "--data-dir" in msg
     assert not (tmp_path / "data").exists() and not (tmp_path / "models").exists()
 
@@ -210,13 +224,28 @@ class Payload:
         return (print, ("PAYLOAD RAN",))
 
 
+def lora_args(tiny_dir, tmp, *extra):
+    return ["LoRA", 3, "--model", tiny_dir, "--data-dir", COLA_DIR, "--limit-train", 64, "--epochs", 2,
+            "--out-dir", tmp / "out", "--plots-dir", tmp / "plots", "--export-peft", tmp / "peft", *extra]
+
+
+@pytest.fixture(scope="module")
+def lora_runs(tiny_dir, tmp_path_factory):
+    """{umask: (directory, process)} of lora_args under umasks 022 (with --threads 2) and 077, made at the same
+    time; the first is shared by the tests of file modes, of --threads and of resume files."""
+    tmps = {umask: tmp_path_factory.mktemp(f"umask-{umask:o}") for umask in (0o022, 0o077)}
+    procs = together(*(lambda umask=umask: run(*lora_args(tiny_dir, tmps[umask], *(["--threads", 2] if umask == 0o022
+                                                                                  else [])), umask=umask)
+                       for umask in tmps))
+    return {umask: (tmps[umask], ok(proc)) for umask, proc in zip(tmps, procs)}
+
+
 @needs_tokenizer
 @needs_cola
-def test_resume_files_load_without_pickle_and_others_are_refused(tiny_dir, tmp_path):
+def test_resume_files_load_without_pickle_and_others_are_refused(lora_runs, tiny_dir, tmp_path):
+    shutil.copytree(lora_runs[0o022][0] / "out", tmp_path / "out")  # a finished run of 2 epochs
     out = tmp_path / "out"
-    args = ["LoRA", 3, "--model", tiny_dir, "--data-dir", COLA_DIR, "--limit-train", 64, "--epochs", 2,
-            "--out-dir", out, "--plots-dir", tmp_path / "plots"]
-    ok(run(*args))
+    args = lora_args(tiny_dir, tmp_path)
     state = torch.load(out / "last.pt", weights_only=True)  # our own resume file needs no pickle
     assert state["epoch"] == 1 and set(state["trainable"]) and state["history"][1]["epoch"] == 2
     torch.save({**state, "extra": Payload()}, out / "last.pt")
@@ -234,13 +263,8 @@ def test_resume_files_load_without_pickle_and_others_are_refused(tiny_dir, tmp_p
 @needs_tokenizer
 @needs_cola
 @pytest.mark.parametrize("umask", [0o022, 0o077])
-def test_outputs_get_the_mode_of_a_plain_write(umask, tiny_dir, tmp_path):
-    old = os.umask(umask)
-    try:
-        ok(run("LoRA", 3, "--model", tiny_dir, "--data-dir", COLA_DIR, "--limit-train", 32, "--epochs", 1,
-               "--out-dir", tmp_path / "out", "--plots-dir", tmp_path / "plots", "--export-peft", tmp_path / "peft"))
-    finally:
-        os.umask(old)
+def test_outputs_get_the_mode_of_a_plain_write(umask, lora_runs):
+    tmp_path, _ = lora_runs[umask]
     files = [p for d in ("out", "plots", "peft") for p in (tmp_path / d).iterdir()]
     assert {p.name for p in files} >= {"adapter_model.safetensors", "adapter_config.json", "last.pt",
                                        "metrics.jsonl", "run_config.json", "LoRA_3_acc.png"}
@@ -268,9 +292,8 @@ def test_threads_from_the_flag_the_environment_or_the_cores(monkeypatch):
 
 @needs_tokenizer
 @needs_cola
-def test_threads_flag_on_the_command_line(tiny_dir, tmp_path):
-    proc = ok(run("LoRA", 3, "--model", tiny_dir, "--data-dir", COLA_DIR, "--limit-train", 32, "--epochs", 1,
-                  "--out-dir", tmp_path / "out", "--plots-dir", tmp_path / "plots", "--threads", 2))
+def test_threads_flag_on_the_command_line(lora_runs):
+    _, proc = lora_runs[0o022]  # made with --threads 2
     assert proc.stdout.startswith("CPU threads: 2 (--threads)\n")
     assert "expected a positive int, got '0'" in run("LoRA", 3, "--threads", 0).stderr
 

@@ -18,13 +18,9 @@ HISTORY_KEYS = {"epoch", "train_loss", "train_acc", "dev_loss", "dev_acc", "dev_
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
+def one_thread(one_thread):
     """The tiny model gains nothing from a second thread, and two threads slow to a crawl whenever another
-    process holds a core (their barriers wait on a descheduled thread). Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    process holds a core (their barriers wait on a descheduled thread): conftest's one thread, for every test."""
 
 
 def numbers(history):
