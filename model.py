@@ -3,7 +3,6 @@
 Read top to bottom: config -> attention -> MLP -> Block -> GPT (+ classifier) -> adapters -> the student.
 Everything here is plain PyTorch; files and the hub are utils.py's business.
 """
-import copy
 import math
 import time
 from dataclasses import dataclass
@@ -505,7 +504,7 @@ ADAPTERS = (LoRALinear, IA3Linear)
 GPT2_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
 
-def _matches(name, targets):
+def matches(name, targets):
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
@@ -515,7 +514,7 @@ def inject_adapters(model, kind="lora", target_modules=GPT2_TARGETS, feedforward
     around it. Works on any nn.Module tree (ours, or a transformers model). Returns the names."""
     assert kind in ("lora", "ia3"), f"unknown adapter kind {kind!r}"
     names = [n for n, m in model.named_modules()
-             if isinstance(m, nn.Linear) and not isinstance(m, ADAPTERS) and _matches(n, target_modules)]
+             if isinstance(m, nn.Linear) and not isinstance(m, ADAPTERS) and matches(n, target_modules)]
     if not names:
         linears = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
         raise ValueError(f"no nn.Linear matches target modules {list(target_modules)}; "
@@ -527,7 +526,7 @@ def inject_adapters(model, kind="lora", target_modules=GPT2_TARGETS, feedforward
         if kind == "lora":
             adapter = LoRALinear(base, r=r, alpha=alpha, dropout=dropout, rslora=rslora)
         else:
-            adapter = IA3Linear(base, feedforward=_matches(name, feedforward_modules))
+            adapter = IA3Linear(base, feedforward=matches(name, feedforward_modules))
         adapter.train(base.training)  # a model in eval mode stays so: no LoRA dropout at inference
         setattr(parent, child, adapter)
     return names
@@ -549,301 +548,6 @@ def remove_adapters(model):
             m.unmerge()
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name), child, m.base)
-
-
-# --------------------------------------------------------------------------- several adapters in one batch
-# Serving t tasks on one base model (serve.py): each row of a batch runs with its own adapter, none merged.
-# The rows come sorted by adapter, so each adapter's rows are one contiguous span: of the batch's rows (hidden
-# states (B, T, C), a pooled (B, C)) or of its packed real tokens ((N, C): GPTClassifier takes the padding out).
-# base(x) runs once over all rows; only the low-rank term, the IA3 scaling, a trained layer norm and the head
-# run per span, with the operations of one adapter alone (LoRALinear, IA3Linear): equal to float rounding.
-
-class Routing:
-    """The spans [(adapter name, first row, end row)] of the next forward, in row order and covering the
-    batch; given the rows' token counts, the same spans in packed tokens too. index(x) gives each row (or
-    token) of x its span's position, to gather per-row weights with; layers cache what they derive from it
-    here, for the one forward (cache)."""
-
-    def __init__(self, spans, lengths=None):
-        self.rows = list(spans)
-        self.names = tuple(n for n, _, _ in self.rows)
-        self.B = self.rows[-1][2] if self.rows else 0
-        self.tokens, self.N = None, None
-        if lengths is not None:
-            ends = [0, *torch.as_tensor(lengths).cumsum(0).tolist()]
-            self.tokens, self.N = [(n, ends[s], ends[e]) for n, s, e in self.rows], ends[-1]
-        self.cache = {}
-
-    def spans(self, x):
-        """The spans over x's first dimension: rows (B) or packed tokens (N; N == B only with one token a row,
-        where the two agree)."""
-        if x.shape[0] == self.B:
-            return self.rows
-        if self.tokens is not None and x.shape[0] == self.N:
-            return self.tokens
-        raise ValueError(f"a routed layer got {x.shape[0]} rows, not the batch's {self.B} rows or {self.N} tokens")
-
-    def index(self, x):
-        """(x.shape[0],) the position in self.names of each row's (or token's) adapter, shaped to broadcast
-        against x's other dimensions but the last."""
-        key = ("index", x.shape[0], x.dim(), x.device)
-        if key not in self.cache:
-            sizes = torch.tensor([e - s for _, s, e in self.spans(x)])
-            idx = torch.repeat_interleave(torch.arange(len(sizes)), sizes).to(x.device)
-            self.cache[key] = idx.view(-1, *[1] * (x.dim() - 2))
-        return self.cache[key]
-
-
-class MultiAdapterLinear(nn.Module):
-    """A frozen linear layer with several named adapters beside it (LoRA of any rank, IA3), none merged:
-    base(x) once for every row, then every row gets its own adapter's term. Without a routing (or for an
-    adapter that does not adapt this layer) it is the base layer.
-
-    The terms are gathered, not looped over: a batch's LoRA adapters stacked, A as (sum of ranks, in) and B
-    as (out, sum of ranks), so that x @ A^T holds every row's product with every adapter's A; a mask keeps
-    each row's own columns (times its scaling) and zeroes the others, exactly, so one more product adds each
-    row's own B A x. IA3 vectors are gathered per row (ones for the rows of other adapters: exact). A few
-    operations per layer however many adapters share the batch; the extra products (the other adapters'
-    ranks) cost sum(r) / out of the base layer's (8 adapters of r=4 on GPT-2's c_attn: 1.4%)."""
-
-    def __init__(self, base):
-        super().__init__()
-        self.base = base
-        self.lora = {}     # name -> (A (r, in), B (out, r), scaling)
-        self.ia3 = {}      # name -> (vector, feedforward)
-        self.routing = None
-        self._stacked = (None, None)  # (the names of a batch, what they stack to): reused while they recur
-
-    def add_lora(self, name, A, B, scaling):
-        assert A.shape[1] == self.base.in_features and B.shape == (self.base.out_features, A.shape[0])
-        self.lora[name] = (A, B, scaling)
-        self._stacked = (None, None)
-
-    def add_ia3(self, name, vector, feedforward):
-        assert vector.shape == ((self.base.in_features if feedforward else self.base.out_features),)
-        self.ia3[name] = (vector, feedforward)
-        self._stacked = (None, None)
-
-    def remove(self, name):
-        self.lora.pop(name, None)
-        self.ia3.pop(name, None)
-        self._stacked = (None, None)
-
-    def stacked(self, names):
-        """For a batch's adapters (in span order): (A (R, in), B (out, R), the span position of each of the R
-        columns, their scalings, a key of these two) of its LoRA adapters, or None; the IA3 vectors per span
-        position for the input and for the output (ones where a span's adapter has none), or None."""
-        if self._stacked[0] == names:
-            return self._stacked[1]
-        w = self.base.weight
-        lora = [(k, *self.lora[n]) for k, n in enumerate(names) if n in self.lora]
-        if lora:
-            A = torch.cat([a for _, a, _, _ in lora])
-            B = torch.cat([b for _, _, b, _ in lora], dim=1)
-            slot = torch.cat([torch.full((a.shape[0],), k) for k, a, _, _ in lora]).to(w.device)
-            scale = torch.cat([torch.full((a.shape[0],), float(s)) for _, a, _, s in lora]).to(w.device, w.dtype)
-            signature = tuple((k, a.shape[0], float(s)) for k, a, _, s in lora)  # layers alike share a mask
-            lora = (A, B, slot, scale, signature)
-        ia3 = {}
-        for ff in (True, False):
-            if any(n in self.ia3 and self.ia3[n][1] == ff for n in names):
-                ones = w.new_ones(self.base.in_features if ff else self.base.out_features)
-                ia3[ff] = torch.stack([self.ia3[n][0] if n in self.ia3 and self.ia3[n][1] == ff else ones
-                                       for n in names])
-        self._stacked = (names, (lora or None, ia3.get(True), ia3.get(False)))
-        return self._stacked[1]
-
-    def forward(self, x):
-        r = self.routing
-        if r is None or not any(n in self.lora or n in self.ia3 for n in r.names):
-            return self.base(x)
-        lora, ia3_in, ia3_out = self.stacked(r.names)
-        idx = r.index(x)
-        y = self.base(x if ia3_in is None else x * ia3_in[idx])  # IA3 of a feed-forward layer scales its input
-        if ia3_out is not None:
-            y = y * ia3_out[idx]
-        if lora is not None:
-            A, B, slot, scale, signature = lora
-            key = ("lora mask", signature, x.shape[0], x.dim(), x.dtype)
-            if key not in r.cache:  # each row's own columns, times its scaling; zeros elsewhere
-                r.cache[key] = (idx[..., None] == slot).to(scale.dtype) * scale
-            y = y + F.linear(F.linear(x, A) * r.cache[key], B)
-        return y
-
-    def extra_repr(self):
-        return f"lora={sorted(self.lora)}, ia3={sorted(self.ia3)}"
-
-
-class MultiModule(nn.Module):
-    """A module that adapters train and save whole (peft's modules_to_save: a layer norm, the classification
-    head) with one copy per adapter: each row runs through its adapter's copy, or the base module for an
-    adapter that did not train it. A layer norm normalises every row at once and gathers each row's weight
-    and bias; other modules (heads) run once per span. Heads of different label counts give rows of
-    different widths: the narrower are padded with -inf, which softmax turns into probability 0."""
-
-    def __init__(self, base):
-        super().__init__()
-        self.base = base
-        self.copies = {}   # name -> the adapter's copy of base
-        self.routing = None
-        self._stacked = (None, None)
-
-    @property
-    def weight(self):  # for code that reads a layer norm's or a head's weight directly
-        return self.base.weight
-
-    @property
-    def bias(self):
-        return self.base.bias
-
-    def remove(self, name):
-        self.copies.pop(name, None)
-        self._stacked = (None, None)
-
-    def forward(self, x):
-        r = self.routing
-        if r is None or not any(n in self.copies for n in r.names):
-            return self.base(x)
-        if isinstance(self.base, nn.LayerNorm) and self.base.weight is not None and self.base.bias is not None:
-            if self._stacked[0] != r.names:
-                mods = [self.copies.get(n, self.base) for n in r.names]
-                self._stacked = (r.names, (torch.stack([m.weight for m in mods]),
-                                           torch.stack([m.bias for m in mods])))
-            weight, bias = self._stacked[1]
-            idx = r.index(x)
-            return torch.addcmul(bias[idx], F.layer_norm(x, self.base.normalized_shape, eps=self.base.eps),
-                                 weight[idx])
-        outs = [self.copies.get(n, self.base)(x[s:e]) for n, s, e in r.spans(x)]
-        width = max(o.shape[-1] for o in outs)
-        outs = [o if o.shape[-1] == width else F.pad(o, (0, width - o.shape[-1]), value=float("-inf")) for o in outs]
-        return torch.cat(outs)
-
-    def extra_repr(self):
-        return f"copies={sorted(self.copies)}"
-
-
-ROUTED = (MultiAdapterLinear, MultiModule)
-
-
-def _set_module(model, name, module):
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
-
-def add_adapter(model, name, settings, tensors, head_names=("score",)):
-    """Add adapter `name` to `model` for mixed batches: settings and tensors as utils.read_adapter gives them
-    (kind, target_modules, feedforward_modules, r, lora_alpha, use_rslora; {our parameter name: tensor}), its
-    layer norms and head (modules_to_save) kept as its own copies. Everything is checked before anything
-    changes: ValueError (the model as it was) when the adapter does not fit. Returns its number of parameters."""
-    kind, targets = settings["kind"], settings["target_modules"]
-    feedforward = settings.get("feedforward_modules") or ()
-    r, alpha = settings.get("r", 4), settings.get("lora_alpha", 4)
-    scaling = alpha / math.sqrt(r) if settings.get("use_rslora") else alpha / r
-    modules = dict(model.named_modules())
-    layers = [n for n, m in modules.items() if _matches(n, targets) and (
-        isinstance(m, MultiAdapterLinear) or isinstance(m, nn.Linear) and not isinstance(m, ADAPTERS))]
-    if not layers:
-        linears = sorted({n.split(".")[-1] for n, m in modules.items() if isinstance(m, (nn.Linear, MultiAdapterLinear))
-                          and not isinstance(modules.get(n.rpartition(".")[0]), MultiAdapterLinear)})
-        raise ValueError(f"no linear layer matches its target modules {list(targets)} (this model's linear layers "
-                         f"end in {linears}): it was trained on another architecture")
-    wanted = {}  # tensor name -> expected shape
-    for n in layers:
-        base = modules[n].base if isinstance(modules[n], MultiAdapterLinear) else modules[n]
-        if kind == "lora":
-            wanted[f"{n}.lora_A"] = (r, base.in_features)
-            wanted[f"{n}.lora_B"] = (base.out_features, r)
-        else:
-            wanted[f"{n}.ia3_l"] = (base.in_features if _matches(n, feedforward) else base.out_features,)
-    saved = {}  # module name -> {parameter name: tensor}: the adapter's own layer norms and head
-    for key, t in tensors.items():
-        if key in wanted:
-            if tuple(t.shape) != wanted[key]:
-                raise ValueError(f"its tensor {key} has shape {tuple(t.shape)}, this model's layer wants "
-                                 f"{wanted[key]}: it belongs to another model size")
-            continue
-        module, _, param = key.rpartition(".")
-        own = modules.get(module)
-        own = own.base if isinstance(own, MultiModule) else own
-        if own is None or not isinstance(getattr(own, param, None), nn.Parameter):
-            raise ValueError(f"its tensor {key} has no place in this model: it was trained on another architecture")
-        expected = tuple(getattr(own, param).shape)
-        head = module.split(".")[0] in head_names
-        if tuple(t.shape) != expected and not (head and t.shape[1:] == expected[1:]):  # a head: any label count
-            raise ValueError(f"its tensor {key} has shape {tuple(t.shape)}, this model's wants {expected}: it "
-                             f"belongs to another model size")
-        saved.setdefault(module, {})[param] = t
-    lost = sorted(set(wanted) - set(tensors))
-    if lost:
-        raise ValueError(f"it lacks {len(lost)} of its adapter tensors (e.g. {lost[0]}): the file is incomplete")
-    for module, params in saved.items():
-        own = modules[module].base if isinstance(modules[module], MultiModule) else modules[module]
-        missing = [p for p, _ in own.named_parameters(recurse=False) if p not in params]
-        if missing:
-            raise ValueError(f"it holds {module}.{next(iter(params))} but not {module}.{missing[0]}")
-    heads = [h for h in head_names if h in modules and any(True for _ in modules[h].parameters())]
-    if not heads or any(not any(m == h or m.startswith(h + ".") for m in saved) for h in heads):
-        raise ValueError(f"it holds no classification head ({', '.join(h + '.weight' for h in head_names)}): it was "
-                         f"not trained for sequence classification")
-
-    for n in layers:  # the checks passed: install
-        layer = modules[n]
-        if not isinstance(layer, MultiAdapterLinear):
-            layer = MultiAdapterLinear(layer)
-            _set_module(model, n, layer)
-        w = layer.base.weight
-        get = lambda key: tensors[key].to(w.device, w.dtype)  # noqa: E731
-        if kind == "lora":
-            layer.add_lora(name, get(f"{n}.lora_A"), get(f"{n}.lora_B"), scaling)
-        else:
-            layer.add_ia3(name, get(f"{n}.ia3_l"), _matches(n, feedforward))
-    for module, params in saved.items():
-        wrapper = modules[module]
-        if not isinstance(wrapper, MultiModule):
-            wrapper = MultiModule(wrapper)
-            _set_module(model, module, wrapper)
-        own = copy.deepcopy(wrapper.base).eval()
-        for p, t in params.items():
-            old = getattr(own, p)
-            setattr(own, p, nn.Parameter(t.to(old.device, old.dtype), requires_grad=False))
-        wrapper.copies[name] = own
-        wrapper._stacked = (None, None)
-    return sum(t.numel() for t in tensors.values())
-
-
-def remove_adapter(model, name):
-    """Take adapter `name` out of every routed layer (the layers stay, for the other adapters)."""
-    for m in model.modules():
-        if isinstance(m, ROUTED):
-            m.remove(name)
-
-
-def rename_adapter(model, old, new):
-    """Adapter `old` goes by `new` in every routed layer (serve.py adds a replacement beside the adapter it
-    replaces, under another name, so that a replacement that does not fit leaves the old one in place)."""
-    for m in model.modules():
-        tables = (m.lora, m.ia3) if isinstance(m, MultiAdapterLinear) else (m.copies,) if isinstance(m, MultiModule) \
-            else ()
-        for table in tables:
-            if old in table:
-                table[new] = table.pop(old)
-        if isinstance(m, ROUTED):
-            m._stacked = (None, None)
-
-
-class routed:
-    """with routed(model, Routing(...)): the next forwards run each span of rows with its own adapter."""
-
-    def __init__(self, model, routing):
-        self.layers, self.routing = [m for m in model.modules() if isinstance(m, ROUTED)], routing
-
-    def __enter__(self):
-        for m in self.layers:
-            m.routing = self.routing
-
-    def __exit__(self, *exc):
-        for m in self.layers:
-            m.routing = None
 
 
 def is_norm(module):

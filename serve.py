@@ -2,8 +2,8 @@
 
 One process loads one base model and any number of adapters of it (LoRA or IA3, ours or peft's) and of
 students (distil/rnn, which run on their own). Requests that arrive together are batched: one forward of the
-unmerged base model runs every row with its own adapter's terms, layer norms and head (model.add_adapter,
-model.routed). Read top to bottom: the request and response bodies -> the service (the long-lived model
+unmerged base model runs every row with its own adapter's terms, layer norms and head (multi_adapter.add_adapter,
+multi_adapter.routed). Read top to bottom: the request and response bodies -> the service (the long-lived model
 object) -> the batcher (a queue drained by one worker) -> the HTTP app -> `run.py serve`.
 
     POST   /classify         {"inputs": [{"adapter": "cola", "text": "..."}, ...]} -> {"outputs": [...]}
@@ -31,7 +31,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field, StrictStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from model import Routing, add_adapter, remove_adapter, rename_adapter, routed
+from multi_adapter import Routing, add_adapter, remove_adapter, rename_adapter, routed
 from utils import UserError, is_student_dir, read_adapter
 
 NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")  # an adapter's name: a URL path segment, no '..' tricks
@@ -127,7 +127,7 @@ class Row:
 
 @dataclass
 class Service:
-    """The long-lived object: the base model with every adapter added (model.add_adapter), the students, and
+    """The long-lived object: the base model with every adapter added (multi_adapter.add_adapter), the students, and
     the one lock that a forward and a change of the adapters take in turn."""
     model: object              # the base classifier (None: students only)
     tokenizer: object

@@ -40,7 +40,7 @@ def save_hf_gpt2(path, seed=0, with_tokenizer=True, **shape):
 
 
 # Tiny models gain nothing from a second thread, and the CPU is shared (runs are made together): the tests compute on
-# one thread, in-process and in the processes they start, unless OMP_NUM_THREADS says otherwise (OMP_NUM_THREADS=2
+# one thread, in-process and in the processes run() starts, unless OMP_NUM_THREADS says otherwise (OMP_NUM_THREADS=2
 # python -m pytest shakes out results that hang on the order of a sum).
 THREADS = os.environ.get("OMP_NUM_THREADS") or "1"
 # Two threads on a busy CPU wait at every barrier: under a load of 10 on 2 cores, gpt2's 80 greedy tokens took 51 s on

@@ -496,14 +496,16 @@ def every_mode(directory, tmp):
     need nothing of each other (each round's runs at the same time): {name: CompletedProcess}."""
     from conftest import run, together
     train, dev = word_data(tmp / "train.tsv", 160, 1), word_data(tmp / "dev.tsv", 60, 2)
-    data = ["--train-file", train, "--eval-file", dev, "--plots-dir", tmp / "plots"]
+    files = ["--train-file", train, "--eval-file", dev]
+    data = [*files, "--plots-dir", tmp / "plots"]
     out, ia3 = tmp / "models" / "LoRA_3", tmp / "models" / "ia3"
     (tmp / "in.txt").write_text("w1 w2 w3\nw12 w13 w14\n")
     student = ["--models-dir", tmp / "models", *data, "--epochs", 2, "--emb-dim", 8, "--hidden", 8]
     procs = dict(zip(["lora", "ia3", "gen"], together(
         lambda: run("LoRA", 3, "--model", directory, *data, "--epochs", 3, "--lr", 3e-2, "--batch-size", 16,
                     "--out-dir", out),
-        lambda: run("LoRA", 3, "--model", directory, *data, "--epochs", 1, "--peft", "ia3", "--out-dir", ia3),
+        lambda: run("LoRA", 3, "--model", directory, *files, "--epochs", 1, "--peft", "ia3", "--out-dir", ia3,
+                    "--plots-dir", tmp / "ia3-plots"),  # its own: the plots of two LoRA 3 runs have one name
         lambda: run("gen", 3, "--model", directory, "--max-new-tokens", 2))))
     procs.update(zip(["predict", "distil"], together(
         lambda: run("predict", 3, "--adapter", f"lora={out}", "--adapter", f"ia3={ia3}", "--input", tmp / "in.txt"),

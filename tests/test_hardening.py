@@ -234,9 +234,8 @@ def lora_runs(tiny_dir, tmp_path_factory):
     """{umask: (directory, process)} of lora_args under umasks 022 (with --threads 2) and 077, made at the same
     time; the first is shared by the tests of file modes, of --threads and of resume files."""
     tmps = {umask: tmp_path_factory.mktemp(f"umask-{umask:o}") for umask in (0o022, 0o077)}
-    procs = together(*(lambda umask=umask: run(*lora_args(tiny_dir, tmps[umask], *(["--threads", 2] if umask == 0o022
-                                                                                  else [])), umask=umask)
-                       for umask in tmps))
+    threads = {0o022: ["--threads", 2], 0o077: []}
+    procs = together(*(lambda u=u: run(*lora_args(tiny_dir, tmps[u], *threads[u]), umask=u) for u in tmps))
     return {umask: (tmps[umask], ok(proc)) for umask, proc in zip(tmps, procs)}
 
 
