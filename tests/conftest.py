@@ -83,6 +83,27 @@ def gpt2_dir(tmp_path_factory):
     return save_hf_gpt2(tmp_path_factory.mktemp("gpt2-shape"))
 
 
+def make_adapter(base_dir, out_dir, kind, targets, feedforward=(), layernorms=True, labels=("unacceptable", "acceptable"),
+                 alpha=2.0, seed=0, **extras):
+    """A random non-trivial adapter of the GPT-2 in base_dir, saved as `run.py LoRA` saves its own."""
+    from model import GPTClassifier, inject_adapters, mark_trainable
+    from utils import adapter_settings, load_gpt, save_adapter
+    torch.manual_seed(seed)
+    model = load_gpt(base_dir, cls=GPTClassifier, num_labels=len(labels))
+    inject_adapters(model, kind, targets, feedforward, r=2, alpha=alpha)
+    mark_trainable(model, train_layernorm=layernorms)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters()):
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    settings = adapter_settings(kind, 2, alpha, 0.0, False, targets, feedforward,
+                                modules_to_save=["score"] + (["ln_1", "ln_2", "ln_f"] if layernorms else []))
+    save_adapter(model, out_dir, settings, {"model": str(base_dir), "tokenizer": str(base_dir), "labels": list(labels),
+                                            "max_length": 128, **extras})
+    return out_dir
+
+
 # --------------------------------------------------------------------------- the command line, as a user runs it
 
 def run(*args, env=None, cwd=ROOT, launcher=(), script=ROOT / "run.py", timeout=600, umask=-1):

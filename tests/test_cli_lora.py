@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 
-from conftest import COLA_DIR, needs_cola, needs_tokenizer, ok, run, together, user_error
+from conftest import COLA_DIR, make_adapter, needs_cola, needs_tokenizer, ok, run, together, user_error
 
 COLA_LABELS = ["unacceptable", "acceptable"]
 TIMING = ("train_sentences_per_s", "train_seconds")  # wall-clock, not reproducible
@@ -164,26 +164,6 @@ def test_predict_prints_a_verdict_per_sentence(lora_run, tiny_dir, tmp_path):
         assert m.group(3) == sentence and m.group(1) == label
         # printed to 3 decimals (off by <= 0.0005), computed there in other batches and threads (~1e-7)
         assert abs(float(m.group(2)) - prob) <= 0.0006 and 0.5 <= prob <= 1.0
-
-
-def make_adapter(tiny_dir, out_dir, kind, targets, feedforward=(), layernorms=True, seed=0):
-    """A random non-trivial adapter for the tiny model, saved as `run.py LoRA` saves its own."""
-    from model import GPTClassifier, inject_adapters, mark_trainable
-    from utils import adapter_settings, load_gpt, save_adapter
-    torch.manual_seed(seed)
-    model = load_gpt(tiny_dir, cls=GPTClassifier, num_labels=2)
-    inject_adapters(model, kind, targets, feedforward, r=2, alpha=2.0)
-    mark_trainable(model, train_layernorm=layernorms)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in sorted(model.named_parameters()):
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.3)
-    settings = adapter_settings(kind, 2, 2.0, 0.0, False, targets, feedforward,
-                                modules_to_save=["score"] + (["ln_1", "ln_2", "ln_f"] if layernorms else []))
-    save_adapter(model, out_dir, settings,
-                 {"model": str(tiny_dir), "tokenizer": str(tiny_dir), "labels": COLA_LABELS, "max_length": 128})
-    return out_dir
 
 
 @needs_tokenizer

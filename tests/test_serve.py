@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from conftest import ROOT, needs_tokenizer, run, user_error
+from conftest import make_adapter as conftest_adapter
 
 pytestmark = needs_tokenizer
 
@@ -26,23 +27,9 @@ GPT2_LORA = ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
 
 
 def make_adapter(base_dir, out_dir, kind, targets, feedforward=(), layernorms=True, labels=COLA, seed=0):
-    """A random non-trivial adapter of base_dir, saved as `run.py LoRA` saves its own."""
-    from model import GPTClassifier, inject_adapters, mark_trainable
-    from utils import adapter_settings, load_gpt, save_adapter
-    torch.manual_seed(seed)
-    model = load_gpt(base_dir, cls=GPTClassifier, num_labels=len(labels))
-    inject_adapters(model, kind, targets, feedforward, r=2, alpha=4.0)
-    mark_trainable(model, train_layernorm=layernorms)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in sorted(model.named_parameters()):
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.3)
-    settings = adapter_settings(kind, 2, 4.0, 0.0, False, targets, feedforward,
-                                modules_to_save=["score"] + (["ln_1", "ln_2", "ln_f"] if layernorms else []))
-    save_adapter(model, out_dir, settings, {"model": str(base_dir), "tokenizer": str(base_dir), "labels": labels,
-                                            "task": "test", "max_length": 128})
-    return out_dir
+    """conftest's adapter, with alpha 4 and a task name (as GET /adapters shows it)."""
+    return conftest_adapter(base_dir, out_dir, kind, targets, feedforward, layernorms, labels, alpha=4.0, seed=seed,
+                            task="test")
 
 
 def make_peft_adapter(base_dir, out_dir):
