@@ -515,21 +515,12 @@ def every_mode(directory, tmp):
     return procs
 
 
-@pytest.fixture(scope="module")
-def every_mode_runs(tiny, tmp_path_factory):
-    """{family: (directory, runs)} of every_mode for BERT and Llama, the two at the same time."""
-    from conftest import together
-    tmps = {f: tmp_path_factory.mktemp(f"every-mode-{f}") for f in ("bert", "llama")}
-    runs = together(*(lambda f=f: every_mode(tiny[f], tmps[f]) for f in tmps))
-    return {f: (tmps[f], r) for f, r in zip(tmps, runs)}
-
-
 @pytest.mark.parametrize("family", ["bert", "llama"])
-def test_every_mode_on_a_transformers_backbone(tiny, every_mode_runs, family):
+def test_every_mode_on_a_transformers_backbone(tiny, tmp_path, family):
     """LoRA (the family's default targets), predict with two adapters over one base, distil with that teacher
     (its tokenizer for the student), rnn, and the comparison: the same commands as with GPT-2."""
     from conftest import ok, user_error
-    tmp_path, procs = every_mode_runs[family]
+    procs = every_mode(tiny[family], tmp_path)
     out = tmp_path / "models" / "LoRA_3"
     proc = ok(procs["lora"])
     defaults = " ".join(FAMILY_TARGETS[family]["lora"])

@@ -200,27 +200,33 @@ def run_cli(*args, env=None):
 
 
 ONE_THREAD = {"OMP_NUM_THREADS": THREADS}  # runs made together: one core each (conftest)
+PROMPT = "The meaning of life is"
+
+
+@pytest.fixture(scope="module")
+def gen_runs(tiny_dir):
+    """`gen` on the tiny model, made together: SR 12345 twice, SR 54321, SR 12345 with 4 samples, and 2 greedy
+    samples of SR 1: {name: CompletedProcess}."""
+    args = ["gen", "12345", "--model", str(tiny_dir), "--max-new-tokens", "20", "--prompt", PROMPT]
+    runs = {"first": args, "second": args, "other": [*args[:1], "54321", *args[2:]],
+            "four": [*args, "--num-samples", "4"], "greedy": ["gen", "1", "--model", str(tiny_dir), "--temperature", "0", "--num-samples", "2",
+                       "--max-new-tokens", "8"]}
+    return dict(zip(runs, together(*(lambda a=a: run_cli(*a, env=ONE_THREAD) for a in runs.values()))))
 
 
 @needs_tokenizer
-def test_gen_cli_prints_text_and_is_reproducible(tiny_dir):
-    args = ["gen", "12345", "--model", str(tiny_dir), "--max-new-tokens", "20", "--prompt", "The meaning of life is"]
-    first, second, other = together(lambda: run_cli(*args, env=ONE_THREAD), lambda: run_cli(*args, env=ONE_THREAD),
-                                    lambda: run_cli(*args[:1], "54321", *args[2:], env=ONE_THREAD))
+def test_gen_cli_prints_text_and_is_reproducible(gen_runs):
+    first, second, other = gen_runs["first"], gen_runs["second"], gen_runs["other"]
     assert first.returncode == 0, first.stderr
-    assert first.stdout.startswith("The meaning of life is")
-    assert len(first.stdout) > len("The meaning of life is") + 20
+    assert first.stdout.startswith(PROMPT)
+    assert len(first.stdout) > len(PROMPT) + 20
     assert first.stdout == second.stdout
     assert other.returncode == 0 and other.stdout != first.stdout
 
 
 @needs_tokenizer
-def test_gen_cli_greedy_and_samples(tiny_dir):
-    args = ["gen", "5", "--model", str(tiny_dir), "--max-new-tokens", "12", "--prompt", "Once upon a time"]
-    out, alone, four = together(
-        lambda: run_cli("gen", "1", "--model", str(tiny_dir), "--temperature", "0", "--num-samples", "2",
-                        "--max-new-tokens", "8", env=ONE_THREAD),
-        lambda: run_cli(*args, env=ONE_THREAD), lambda: run_cli(*args, "--num-samples", "4", env=ONE_THREAD))
+def test_gen_cli_greedy_and_samples(gen_runs):
+    out, alone, four = gen_runs["greedy"], gen_runs["first"], gen_runs["four"]
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("----- sample") == 2
     s1, s2 = out.stdout.split("----- sample 2 of 2 -----")
