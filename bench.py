@@ -1,8 +1,10 @@
 """Benchmarks of our hand-written GPT-2 + LoRA against the reference (transformers / peft), printed
 side by side with ratios and the targets, in one run. CPU, float32, no hub needed.
 
-    python bench.py gen     greedy decoding, batch 1: tokens/s of ours vs transformers' generate; and
-                            sampling K=4 continuations as one batch vs one alone (total tokens/s)
+    python bench.py gen     greedy decoding, batch 1: tokens/s of ours vs transformers' generate; each
+                            weight shape's one-row product in every candidate way, the way model.Linear
+                            chose here, and the ceiling they set; and sampling K=4 continuations as one
+                            batch vs one alone (total tokens/s)
     python bench.py lora    LoRA training on CoLA: sentences/s of ours vs transformers+peft, ours' FLOP/s
                             against this machine's matmul peak, peak memory of each, and ours' evaluation
                             speed with the adapters merged vs unmerged
@@ -125,7 +127,7 @@ def bench_gen(args, ckpt):
 
     layers = [(tuple(m.weight.shape), ways(name, m)) for name, m in linears]
     paths = list(dict.fromkeys(p for _, calls in layers for p in calls))
-    steps = min(n, 16)  # per path: a rate, it needs not all n steps
+    steps = min(n, 16)  # per path: a rate, which fewer steps than n measure as well
 
     def run_weights_only():
         """{(shape, path): seconds per decoding step of that shape's products that way}, the paths in turns,
@@ -157,8 +159,11 @@ def bench_gen(args, ckpt):
     print(f"gen: spread of the runs: ours {n / max(t_ours):.1f}-{n / min(t_ours):.1f} tok/s, transformers "
           f"{n / max(t_theirs):.1f}-{n / min(t_theirs):.1f} tok/s")
     per_step = {k: statistics.median(t[k] for t in t_weights) for k in t_weights[0]}
-    chosen = {(out, inp): path for (out, inp, _, rows, threads, dtype), path in model.FEWROWS_CHOSEN.items()
-              if rows == 1 and threads == torch.get_num_threads() and dtype == torch.float32}
+    def chosen(rows):
+        """{(out, in): the path model.Linear chose in this process for products of `rows` rows}"""
+        return {(out, inp): path for (out, inp, _, r, threads, dtype), path in model.FEWROWS_CHOSEN.items()
+                if r == rows and threads == torch.get_num_threads() and dtype == torch.float32}
+
     fastest = {}
     for shape in dict.fromkeys(shape for shape, _ in layers):
         ms = {p: 1e3 * per_step[shape, p] for p in paths if (shape, p) in per_step}
@@ -166,7 +171,7 @@ def bench_gen(args, ckpt):
         count = sum(s == shape for s, _ in layers)
         print(f"gen: one-row products with the {shape[0]}x{shape[1]} weights ({count} a step), ms a step: "
               + " | ".join(f"{p} {t:.2f}" for p, t in ms.items())
-              + f"; model.Linear chose {chosen.get(shape, '?')} (measured once in this process)")
+              + f"; model.Linear chose {chosen(1).get(shape, '?')} (measured once in this process)")
     ceiling = 1 / sum(per_step[shape, p] for shape, p in fastest.items())
     mb = 4 * sum(m.weight.numel() for _, m in linears) / 1e6
     print(f"gen: ceiling: a step's {len(linears)} weight-by-row products alone, each shape by its fastest path, which "
@@ -190,8 +195,9 @@ def bench_gen(args, ckpt):
         t_batch.append(timed(lambda: sample(k)))
     one, batch = n / statistics.median(t_one), k * n / statistics.median(t_batch)
     print(f"gen: sampling {k} continuations as one batch: {batch:.1f} tok/s in all, vs {one:.1f} tok/s for one: "
-          f"{batch / one:.2f}x (target >= 3x; {n} new tokens each, median of {args.repeats} runs in turns)",
-          flush=True)
+          f"{batch / one:.2f}x (target >= 3x; {n} new tokens each, median of {args.repeats} runs in turns); "
+          f"model.Linear's paths for {k} rows: "
+          + ", ".join(f"{out}x{inp} {path}" for (out, inp), path in chosen(k).items()), flush=True)
 
 
 # --------------------------------------------------------------------------- LoRA training

@@ -41,10 +41,13 @@ class Dropout(nn.Dropout):
     per element (bernoulli_, on one core) and dropout is a large share of a LoRA training step. This takes
     15 random bits per element, four elements from each 64-bit draw of the global generator (so the same
     seeding), and keeps an element when its bits are below (1 - p) * 2^15: the same distribution with p
-    rounded to a multiple of 2^-15 (0.1 becomes 0.100006), for a quarter of the generator's work, about 2x
-    faster than one 31-bit draw per element and 4x faster than torch's mask (measured on a 2-core VM, a
-    555 x 3072 activation: 2.0 ms, 4.1 ms, 7.6 ms). Evaluation and other devices (CUDA's fused kernel)
-    are plain nn.Dropout."""
+    rounded to a multiple of 2^-15 (0.1 becomes 0.100006), for a quarter of the generator's work.
+    Faster on any CPU by construction, so not measured per machine: torch's CPU generator is one serial
+    Mersenne twister everywhere, and its draws are most of the cost of torch's mask (a 555 x 3072
+    activation on a Xeon with AVX-512: torch's bernoulli_ 8.6 ms, these draws 1.3 ms, at 1 thread as at
+    2). The whole mask against one 31-bit draw per element and torch's: 2.0, 4.1, 7.6 ms on a 2-core VM;
+    4.0, 9.6, 10.1 ms on the 2-core Xeon (5.7, 10.1, 10.4 ms at 1 thread). Evaluation and other devices
+    (CUDA's fused kernel) are plain nn.Dropout."""
 
     def forward(self, x):
         if not self.training or x.device.type != "cpu" or not 0 < self.p < 1 or self.inplace:
@@ -57,12 +60,12 @@ class Dropout(nn.Dropout):
 
 
 # A product of a few rows with a weight (a decoding step: one token per sequence) is bound by reading the
-# weight, and which kernel reads it fastest depends on the CPU: on a 2-core VM MKL's matrix-matrix kernel
-# with the weight first, W @ [x; 0]^T, took a step's matmuls from 34.8 ms (x @ W^T) to 20.0 ms; on a Xeon
-# with AVX-512 it takes twice as long as x @ W^T or the matrix-vector kernel (2304 x 768, one row, one
-# thread: 650 us against 320 us). So model.Linear times these paths on each weight shape the first time it
-# meets it and runs the fastest (fewrows_path). All compute the same sums in other orders: equal to float
-# rounding.
+# weight, and which kernel reads it fastest depends on the CPU and the row count: on a 2-core VM MKL's
+# matrix-matrix kernel with the weight first, W @ [x; 0]^T, took a step's matmuls from 34.8 ms (x @ W^T) to
+# 20.0 ms; on a 2-core Xeon with AVX-512 it takes twice as long as x @ W^T or the matrix-vector kernel for
+# one row (2304 x 768: 392 us against 181 and 192 us) and wins at 8 rows (371 against 450 us). So
+# model.Linear times these paths for each weight shape and row count the first time it meets them and runs
+# the fastest (fewrows_path). All compute the same sums in other orders: equal to float rounding.
 
 def _linear(x, w, b):
     return F.linear(x, w, b)
