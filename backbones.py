@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from model import PRETRAINED, is_norm
-from utils import UserError, quiet_library_bars
+from utils import UserError, load_gpt, quiet_library_bars
 
 
 # --------------------------------------------------------------------------- defaults per model family
@@ -193,6 +193,17 @@ def quiet_transformers():
         yield
     finally:
         hf_logging.set_verbosity(level)
+
+
+def load_language_model(name_or_dir, gguf_file=None):
+    """The model of name_or_dir as a language model, in eval mode: the hand-written GPT-2 for a GPT-2,
+    else transformers' AutoModelForCausalLM (the teacher's base, writing a transfer set: distil --transfer-lm)."""
+    if gguf_file is None and is_gpt2(name_or_dir):
+        return load_gpt(name_or_dir).eval()
+    from transformers import AutoModelForCausalLM
+    source, gguf = _source(name_or_dir, gguf_file)
+    with quiet_transformers():
+        return AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf, dtype=torch.float32).eval()
 
 
 def _source(name_or_dir, gguf_file):

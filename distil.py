@@ -3,17 +3,18 @@ soft targets (distil), beside the same student trained on the labels alone (rnn)
 student and scratch student compared. Read top to bottom: the teacher, then the students' steps."""
 import dataclasses
 import functools
+import hashlib
 import json
 import time
 from pathlib import Path
 
 import torch
 
-from backbones import load_any_tokenizer, load_classifier, weight_files
+from backbones import load_any_tokenizer, load_classifier, load_language_model, weight_files
 from data import IGNORE, Examples, augment, encode_task, lm_prompts, lm_sentence, task_data
 from generate import sample_seed
 from machine import autocast_dtype, broadcast_object, environment, is_main, pick_device, seed_everything
-from model import DistilRNN, RNNConfig, adapter_modules, merge_adapters, pca_embeddings, sample_next
+from model import GPT, DistilRNN, RNNConfig, adapter_modules, merge_adapters, pca_embeddings, sample_next
 from report import comparison_rows
 from train_utils import (classification_metrics, kd_loss, local_logits, predict_logits, print_config,
                          train_run, write_comparison)
@@ -83,16 +84,7 @@ class Teacher:
 
     def language_model(self):
         """The base model as a language model (the teacher's adapter plays no part), for --transfer-lm."""
-        from backbones import _source, is_gpt2, quiet_transformers
-        if self.gguf is None and is_gpt2(self.base):
-            from utils import load_gpt
-            lm = load_gpt(self.base)
-            lm.generate_tokens = lm.generate
-        else:
-            from transformers import AutoModelForCausalLM
-            source, gguf = _source(self.base, self.gguf)
-            with quiet_transformers():
-                lm = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf, dtype=torch.float32)
+        lm = load_language_model(self.base, self.gguf)
         return self.cast(lm.to(self.device).eval().requires_grad_(False))
 
     def logits(self, examples, name, cache_dir):
@@ -275,7 +267,6 @@ def lm_sentences(teacher, tok, texts, n, seed, cache_dir, batch_size):
     adapter plays no part), each a continuation of the first 1-4 words of a training sentence, kept when it
     reads like a sentence (data.lm_sentence). Seeded by `seed`, and cached in cache_dir under a hash of
     the base model's weights, the precision, the training sentences, N, the seed and the sampling settings."""
-    import hashlib
     key = hashlib.sha256(json.dumps([sha256_files(weight_files(teacher.base, teacher.gguf)), str(teacher.amp),
                                      texts, n, seed, LM_SAMPLING, batch_size]).encode()).hexdigest()
     path = Path(cache_dir) / f"lm_{key[:24]}.json"
@@ -329,8 +320,8 @@ def sample_rows(lm, ids, generator, stops, teacher):
     rows, done = [[] for _ in range(B)], torch.zeros(B, dtype=torch.bool)
     kw = {k: v for k, v in LM_SAMPLING.items() if k != "max_new_tokens"}
     with torch.no_grad():  # a model in half precision is cast whole (Teacher.cast): no autocast
-        if hasattr(lm, "generate_tokens"):  # the hand-written GPT-2: its own generate() with a KV cache
-            steps = lm.generate_tokens(ids, LM_SAMPLING["max_new_tokens"], generator=generator, **kw)
+        if isinstance(lm, GPT):  # the hand-written GPT-2: its own generate() with a KV cache
+            steps = lm.generate(ids, LM_SAMPLING["max_new_tokens"], generator=generator, **kw)
         else:
             steps = hf_decode(lm, ids, LM_SAMPLING["max_new_tokens"], generator, kw)
         for nxt in steps:

@@ -1,5 +1,6 @@
-"""Flag values as the command line checks them: the value types, a sweep configuration's keys (each sets a
-flag), and the defaults the parser and the modes share. Light on purpose: `run.py --help` imports it."""
+"""Flag values as the command line checks and shows them: the value types, --help's formatter, a sweep
+configuration's keys (each sets a flag), and the defaults the parser and the modes share. Light on purpose:
+`run.py --help` imports it."""
 import argparse
 import math
 
@@ -52,3 +53,10 @@ def non_negative(text):
     if not (math.isfinite(value) and value >= 0):
         raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
     return value
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown in --help, once: not again where the help text already says what the default is."""
+
+    def _get_help_string(self, action):
+        return action.help if "default" in (action.help or "") else super()._get_help_string(action)

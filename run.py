@@ -6,7 +6,7 @@ import os
 import shlex
 import sys
 
-from flags import DEFAULT_PROMPT, SWEEP_KEYS, fraction, non_negative, positive, seed_arg
+from flags import DEFAULT_PROMPT, SWEEP_KEYS, HelpFormatter, fraction, non_negative, positive, seed_arg
 
 
 MODEL_HELP = ("gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2 (the hand-written GPT-2); minilm, smollm2 (real "
@@ -110,13 +110,6 @@ def add_student(p, distil):
         p.add_argument("--teacher-batch-size", type=positive(int), default=128,
                        help="sentences per teacher batch (sorted by length, so little padding)")
         p.add_argument("--lm-batch-size", type=positive(int), default=128, help="prompts per batch of --transfer-lm")
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Defaults shown in --help, once: not again where the help text already says what the default is."""
-
-    def _get_help_string(self, action):
-        return action.help if "default" in (action.help or "") else super()._get_help_string(action)
 
 
 def build_parser():
