@@ -433,14 +433,17 @@ class Examples:
 
 # --------------------------------------------------------------------------- the transfer set of distillation
 
-def augment(sentences, n, seed, mask_token, p_mask=0.1, p_swap=0.1, p_ngram=0.25, tries=10):
+def augment(sentences, n, seed, mask_token=None, p_mask=0.1, p_swap=0.1, p_ngram=0.25, tries=10):
     """Tang et al. (2019)'s rules for a distillation transfer set: n new sentences per sentence, each
     made by masking words (each with p_mask), swapping words with another word of the sentence (each
-    with p_swap), and then, with p_ngram, keeping only a random n-gram (n from 1 to 5). Copies of the
-    original or of an earlier new sentence are redrawn up to `tries` times, then given up (one-word
-    sentences have few variants). The new sentences have no labels: the teacher's logits are their
-    targets. Same seed, same sentences."""
+    with p_swap), and then, with p_ngram, keeping only a random n-gram (n from 1 to 5). A mask is
+    mask_token where the teacher's tokenizer has one (BERT's [MASK]); without one (GPT-2, SmolLM2) the
+    word is replaced by a word drawn from all the sentences' words, as a teacher that never saw a mask
+    token inside a sentence reads it. Copies of the original or of an earlier new sentence are redrawn
+    up to `tries` times, then given up (one-word sentences have few variants). The new sentences have no
+    labels: the teacher's logits are their targets. Same seed, same sentences."""
     rng = random.Random(seed)
+    corpus = None if mask_token else [w for s in sentences for w in s.split()]
     out = []
     for sentence in sentences:
         words, seen = sentence.split(), {sentence}
@@ -450,7 +453,7 @@ def augment(sentences, n, seed, mask_token, p_mask=0.1, p_swap=0.1, p_ngram=0.25
                 for i in range(len(w)):
                     r = rng.random()
                     if r < p_mask:
-                        w[i] = mask_token
+                        w[i] = mask_token or rng.choice(corpus)
                     elif r < p_mask + p_swap:
                         j = rng.randrange(len(w))
                         w[i], w[j] = w[j], w[i]

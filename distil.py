@@ -239,9 +239,9 @@ def transfer_set(args, task, tok, teacher, seed, cache_dir):
     language model. Seeded by `seed`: the student's own, or SR for all under --shared-transfer."""
     parts = []  # each part labelled (and cached) on its own, so that a run with both reuses a run with one
     if args.augment:
-        new = augment(task.texts, args.augment, seed, tok.mask_token or tok.unk_token or tok.eos_token)
-        print(f"transfer set: {len(new)} augmented sentences ({args.augment} per training sentence; masked, "
-              f"swapped, n-grams)")
+        new = augment(task.texts, args.augment, seed, tok.mask_token)
+        print(f"transfer set: {len(new)} augmented sentences ({args.augment} per training sentence; "
+              f"{'masked' if tok.mask_token else 'words replaced by words of the data'}, swapped, n-grams)")
         parts.append(("the transfer set", new))
     if args.transfer_lm:
         new = lm_sentences(teacher, tok, task.texts, args.transfer_lm, seed, cache_dir, args.lm_batch_size)
@@ -260,6 +260,9 @@ def transfer_set(args, task, tok, teacher, seed, cache_dir):
 
 # Fluent, yet varied; 20 new tokens end all but the longest of CoLA's sentences (the rest are dropped).
 LM_SAMPLING = dict(temperature=0.9, top_k=50, max_new_tokens=20)
+# Every prompt starts a line: a lone first word with nothing before it is a fragment to a language model
+# (SmolLM2 continues "The" with "-" or "," most often, and "The" after a line break with " company", " most").
+LM_START = "\n"
 
 
 def lm_sentences(teacher, tok, texts, n, seed, cache_dir, batch_size):
@@ -268,7 +271,7 @@ def lm_sentences(teacher, tok, texts, n, seed, cache_dir, batch_size):
     reads like a sentence (data.lm_sentence). Seeded by `seed`, and cached in cache_dir under a hash of
     the base model's weights, the precision, the training sentences, N, the seed and the sampling settings."""
     key = hashlib.sha256(json.dumps([sha256_files(weight_files(teacher.base, teacher.gguf)), str(teacher.amp),
-                                     texts, n, seed, LM_SAMPLING, batch_size]).encode()).hexdigest()
+                                     texts, n, seed, LM_SAMPLING, batch_size, LM_START]).encode()).hexdigest()
     path = Path(cache_dir) / f"lm_{key[:24]}.json"
     try:
         cached = json.loads(path.read_text())
@@ -279,7 +282,8 @@ def lm_sentences(teacher, tok, texts, n, seed, cache_dir, batch_size):
     except (OSError, ValueError, KeyError, TypeError):
         pass
     prompts = lm_prompts(texts, n, seed)
-    encoded = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    start = tok(LM_START, add_special_tokens=False)["input_ids"]
+    encoded = [start + tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
     # Batches of prompts of one token length: no padding, so neither model needs an attention mask.
     groups = {}
     for i, ids in enumerate(encoded):

@@ -156,6 +156,12 @@ def test_augment_is_seeded_and_makes_new_sentences():
     assert any(len(s.split()) < 5 for s in a[:5])  # n-gram sampling shortens sentences
     words = set(" ".join(sentences).split()) | {"<mask>"}
     assert all(set(s.split()) <= words for s in a)  # only the sentences' own words (and the mask)
+    # Without a mask token (GPT-2, SmolLM2): masked words become words of the data, never a special token.
+    b = augment(sentences, 5, seed=1)
+    assert b == augment(sentences, 5, seed=1) and len(set(b)) == len(b) and not set(b) & set(sentences)
+    assert all(set(s.split()) <= words - {"<mask>"} for s in b)
+    # a replaced word: some new sentence holds a word that its own source sentence does not
+    assert any(not any(set(s.split()) <= set(o.split()) for o in sentences) for s in b)
 
 
 # --------------------------------------------------------------------------- the cache files
