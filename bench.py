@@ -495,6 +495,40 @@ def bench_distil_teacher(args):
         print(f"| teacher inference, {k} | {v:.1f} sentences/s | {v / before:.2f}x |")
 
 
+def bench_kd_pair(args):
+    """A trained student against its real teacher (--distil-teacher, an adapter directory) on the dev set of
+    --data-dir, in turns in one process: the inference speeds behind docs/distillation.md's ">= 50x"."""
+    from types import SimpleNamespace
+    from data import Examples, load_cola
+    from distil import Teacher, logits_by_length, teacher_precision
+    from train_utils import local_logits
+    from utils import load_student
+    from backbones import load_any_tokenizer
+    device = torch.device("cpu")
+    student, config = load_student(args.distil_student)
+    sentences, labels = load_cola(args.data_dir)["dev"]
+    dev = Examples.encode(load_any_tokenizer(config["tokenizer"], config.get("tokenizer_gguf")), sentences, labels,
+                          config.get("max_length") or 128)
+    flags = SimpleNamespace(teacher=args.distil_teacher, models_dir="models", SR=0, model=None, gguf_file=None,
+                            tokenizer=None, teacher_batch_size=128, teacher_precision="auto")
+    amp = teacher_precision(flags, device, None)
+    teacher = Teacher(flags, device, amp).load()
+    ways = {"teacher": lambda: logits_by_length(teacher, dev, device, 128, None, progress=False),
+            "student": lambda: local_logits(student, dev, device, 128, None, progress=False)}
+    times = {k: [] for k in ways}
+    for way in ways.values():
+        way()  # warm-up
+    for _ in range(3):  # in turns, so that a slow spell hits both alike
+        for k, way in ways.items():
+            times[k].append(timed(way))
+    speed = {k: len(dev) / statistics.median(t) for k, t in times.items()}
+    print(f"distil pair: {args.distil_student} ({sum(p.numel() for p in student.parameters()) / 1e6:.2f}M) vs its "
+          f"teacher {args.distil_teacher} ({'bf16' if amp else 'fp32'}), {len(dev)} dev sentences, batches of 128, "
+          f"{torch.get_num_threads()} threads, median of 3 in turns")
+    print(f"| inference, student vs teacher | {speed['student']:.0f} sentences/s | teacher {speed['teacher']:.1f} "
+          f"sentences/s | **{speed['student'] / speed['teacher']:.0f}x** | >= 50x |")
+
+
 def bench_distil(args, ckpt):
     """distil vs rnn epochs (teacher-logit cache, teacher every batch) and student vs teacher inference."""
     bench_distil_teacher(args)
@@ -1003,6 +1037,9 @@ def main():
     p.add_argument("--distil-repeats", type=int, default=5, help="distil: timed runs of each kind, in turns")
     p.add_argument("--distil-teacher-sentences", type=int, default=512, help="distil: CoLA training sentences the "
                    "SmolLM2-shaped teacher labels, the old way and run.py's")
+    p.add_argument("--distil-teacher", help="distil: with --distil-student, time this trained student against "
+                   "this real teacher (an adapter directory) on the dev set instead")
+    p.add_argument("--distil-student", help="distil: a student directory of `run.py distil`")
     p.add_argument("--threads-sentences", type=int, default=2048, help="threads: training sentences of each run")
     p.add_argument("--serve-adapters", type=int, default=8, help="serve: adapters mixed in the batch")
     p.add_argument("--serve-batch", type=int, default=64, help="serve: sentences in the batch")
@@ -1022,6 +1059,10 @@ def main():
         return bench_threads(args)
     if args.what == "backbone":
         return bench_backbone(args)
+    if args.what == "distil" and (args.distil_teacher or args.distil_student):
+        if not (args.distil_teacher and args.distil_student):
+            p.error("--distil-teacher and --distil-student go together: a student and the teacher it learned from")
+        return bench_kd_pair(args)
     ckpt = checkpoint(args.workdir)
     if args.what == "_lora_worker":
         return lora_worker(args.side, args, ckpt)
