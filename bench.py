@@ -81,6 +81,16 @@ def timed(fn):
     return time.perf_counter() - t0
 
 
+def seconds_in_turns(ways, rounds):
+    """{name: [seconds of each round]} of ways {name: a call without arguments}, each round calling every way
+    once, in turns, so that a slow spell of a shared machine hits them alike (warm-ups are the caller's)."""
+    times = {k: [] for k in ways}
+    for _ in range(rounds):
+        for k, way in ways.items():
+            times[k].append(timed(way))
+    return times
+
+
 # --------------------------------------------------------------------------- generation
 
 def bench_gen(args, ckpt):
@@ -480,12 +490,9 @@ def bench_distil_teacher(args):
     ways = {"before: file order, batches of 64, fp32": lambda e: predict_logits(teacher, e, device, 64, progress=False),
             f"after: sorted by length, batches of 128, {'bf16' if amp else 'fp32'}":
                 lambda e: logits_by_length(teacher, e, device, 128, amp, progress=False)}
-    times = {k: [] for k in ways}
     for way in ways.values():
         way(warm)
-    for _ in range(max(1, args.distil_repeats // 2)):  # in turns, so that a slow spell hits both alike
-        for k, way in ways.items():
-            times[k].append(timed(lambda: way(ex)))
+    times = seconds_in_turns({k: lambda way=way: way(ex) for k, way in ways.items()}, max(1, args.distil_repeats // 2))
     n, size, runs = len(ex), sum(p.numel() for p in teacher.parameters()), len(next(iter(times.values())))
     print(f"distil teacher: SmolLM2-shaped Llama (30 layers, 576 wide, random weights, {size / 1e6:.1f}M parameters), "
           f"{n} CoLA training sentences, {torch.get_num_threads()} threads, median of {runs} runs")
@@ -501,27 +508,21 @@ def bench_kd_pair(args):
     from types import SimpleNamespace
     from data import Examples, load_cola
     from distil import Teacher, logits_by_length, teacher_precision
+    from predict import load_student_classifier
     from train_utils import local_logits
-    from utils import load_student
-    from backbones import load_any_tokenizer
     device = torch.device("cpu")
-    student, config = load_student(args.distil_student)
+    student, tok, _, max_length = load_student_classifier(args.distil_student, None, device)
     sentences, labels = load_cola(args.data_dir)["dev"]
-    dev = Examples.encode(load_any_tokenizer(config["tokenizer"], config.get("tokenizer_gguf")), sentences, labels,
-                          config.get("max_length") or 128)
+    dev = Examples.encode(tok, sentences, labels, max_length)
     flags = SimpleNamespace(teacher=args.distil_teacher, models_dir="models", SR=0, model=None, gguf_file=None,
                             tokenizer=None, teacher_batch_size=128, teacher_precision="auto")
     amp = teacher_precision(flags, device, None)
     teacher = Teacher(flags, device, amp).load()
     ways = {"teacher": lambda: logits_by_length(teacher, dev, device, 128, None, progress=False),
             "student": lambda: local_logits(student, dev, device, 128, None, progress=False)}
-    times = {k: [] for k in ways}
     for way in ways.values():
         way()  # warm-up
-    for _ in range(3):  # in turns, so that a slow spell hits both alike
-        for k, way in ways.items():
-            times[k].append(timed(way))
-    speed = {k: len(dev) / statistics.median(t) for k, t in times.items()}
+    speed = {k: len(dev) / statistics.median(t) for k, t in seconds_in_turns(ways, 3).items()}
     print(f"distil pair: {args.distil_student} ({sum(p.numel() for p in student.parameters()) / 1e6:.2f}M) vs its "
           f"teacher {args.distil_teacher} ({'bf16' if amp else 'fp32'}), {len(dev)} dev sentences, batches of 128, "
           f"{torch.get_num_threads()} threads, median of 3 in turns")
