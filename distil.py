@@ -1,6 +1,9 @@
-"""Knowledge distillation: the LoRA-tuned model (the teacher) teaches a small recurrent student with its
-soft targets (distil), beside the same student trained on the labels alone (rnn); then the teacher, KD
-student and scratch student compared. Read top to bottom: the teacher, then the students' steps."""
+"""Knowledge distillation: the LoRA-tuned model (the teacher) teaches a small student with its soft targets
+(distil), beside the same student trained on the labels alone (rnn); then the teacher and the students
+compared on one speed/accuracy frontier. The student is the course's recurrent one (DistilRNN) or, with
+--student transformer, K of the teacher's own layers (student.py). Read top to bottom: the teacher, then the
+students' steps."""
+import copy
 import dataclasses
 import functools
 import hashlib
@@ -15,9 +18,10 @@ from data import IGNORE, Examples, augment, encode_task, lm_prompts, lm_sentence
 from generate import sample_seed
 from machine import autocast_dtype, broadcast_object, environment, is_main, pick_device, seed_everything
 from model import GPT, DistilRNN, RNNConfig, adapter_modules, merge_adapters, pca_embeddings, sample_next
-from report import comparison_rows
+from report import comparison_rows, first_pair, kind_label, run_name
+from student import HiddenTargets, TransformerStudent, hidden_loss, layer_list, pick_layers, unload_adapters
 from train_utils import (classification_metrics, kd_loss, local_logits, predict_logits, print_config,
-                         train_run, write_comparison)
+                         train_run, write_comparison, write_frontier)
 from utils import (RunLock, UserError, attach_adapter, cache_key, cache_path, check_writable, read_adapter,
                    read_cached_logits, save_student, sha256_files, tokenizer_fingerprint, write_cached_logits,
                    write_json)
@@ -111,11 +115,13 @@ class Teacher:
         return logits, info
 
 
-def logits_by_length(model, examples, device, batch_size, amp, desc="teacher", progress=True):
+def logits_by_length(model, examples, device, batch_size, amp, desc="teacher", progress=True, local=False):
     """predict_logits over the examples sorted by length, in the examples' order: batches of sentences of one
-    length, so that a transformers backbone computes (almost) no padding."""
+    length, so that a transformers backbone computes (almost) no padding. local: this process alone
+    (local_logits), not shared among torchrun's processes."""
     order = sorted(range(len(examples)), key=lambda i: len(examples.ids[i]))
-    by_length = predict_logits(model, examples.subset(order), device, batch_size, amp, desc=desc, progress=progress)
+    by_length = (local_logits if local else predict_logits)(model, examples.subset(order), device, batch_size, amp,
+                                                            desc=desc, progress=progress)
     logits = torch.empty_like(by_length)
     logits[order] = by_length
     return logits
@@ -150,8 +156,10 @@ def teacher_embeddings(teacher, vocab_size, emb_dim):
 # --------------------------------------------------------------------------- the students
 
 def train_students(args):
-    """distil and rnn: the same DistilRNN, data, seeds, optimiser and schedule; distil adds the teacher's
-    soft targets (and, with --augment, a transfer set that only the teacher labels)."""
+    """distil and rnn: the same student, data, seeds, optimiser and schedule; distil adds the teacher's
+    soft targets (and, with --augment or --transfer-lm, a transfer set that only the teacher labels; with
+    --kd-hidden, its hidden states). A transformer student needs the teacher in rnn mode too: its layers
+    are where the student starts."""
     distil = args.mode == "distil"
     seeds = check_student_flags(args, distil)
     device = pick_device(args.device)
@@ -160,15 +168,14 @@ def train_students(args):
     cache_dir = Path(args.cache_dir or models_dir / "teacher_cache") if distil else None
     print_config(args)
     check_writable([("--models-dir", models_dir), ("--plots-dir", args.plots_dir), ("--cache-dir", cache_dir)])
-    teacher = Teacher(args, device, teacher_precision(args, device, amp)) if distil else None
+    transformer = args.student == "transformer"
+    teacher = Teacher(args, device, teacher_precision(args, device, amp)) if distil or transformer else None
     task, tok, tok_name, tok_gguf = student_data(args, teacher)
     teacher_info = teacher_targets(teacher, task, cache_dir) if distil else None
-
-    rnn_config = RNNConfig(vocab_size=len(tok), num_labels=len(task.labels), rnn_type=args.rnn_type,
-                           emb_dim=args.emb_dim, hidden=args.hidden, n_layers=args.rnn_layers,
-                           bidirectional=args.bidirectional, pool=args.pool, dropout=args.dropout)
-    embeddings = (teacher_embeddings(teacher, len(tok), args.emb_dim)
-                  if distil and args.init_embeddings_from_teacher else None)
+    make, hidden = (transformer_maker(args, teacher, distil) if transformer
+                    else rnn_maker(args, tok, task, teacher, distil)), None
+    if distil and args.kd_hidden:
+        hidden = make.hidden_targets
     extras = {"mode": args.mode, "seed_group": seeds, "tokenizer": str(tok_name), "tokenizer_gguf": tok_gguf,
               "tokenizer_fingerprint": tokenizer_fingerprint(tok), "labels": task.labels, "task": task.name,
               "max_length": args.max_length, "eval_split": args.eval_split, "majority_acc": task.majority,
@@ -178,9 +185,78 @@ def train_students(args):
     shared = transfer_set(args, task, tok, teacher, args.SR, cache_dir) if transfer and args.shared_transfer else None
     for seed in seeds:
         train_set = shared or (transfer_set(args, task, tok, teacher, seed, cache_dir) if transfer else task.train)
-        train_student(args, seed, rnn_config, embeddings, train_set, task, teacher, extras, device, amp)
+        train_student(args, seed, make, hidden, train_set, task, teacher, extras, device, amp)
     if is_main():
         write_compare(args, models_dir)
+
+
+# Each student's own defaults for the flags left unset (a transformer of pretrained layers wants a learning
+# rate of fine-tuning and few epochs; the RNN from scratch, a larger rate and more epochs).
+STUDENT_DEFAULTS = {"rnn": {"lr": 2e-3, "epochs": 10}, "transformer": {"lr": 5e-5, "epochs": 3, "student_layers": 6}}
+
+
+def rnn_maker(args, tok, task, teacher, distil):
+    """make(kept) -> (a new DistilRNN, its description): the RNN of the flags (kept: the token ids of
+    --student-vocab data, else None)."""
+    rnn_config = RNNConfig(vocab_size=len(tok), num_labels=len(task.labels), rnn_type=args.rnn_type,
+                           emb_dim=args.emb_dim, hidden=args.hidden, n_layers=args.rnn_layers,
+                           bidirectional=args.bidirectional, pool=args.pool, dropout=args.dropout)
+    embeddings = (teacher_embeddings(teacher, len(tok), args.emb_dim)
+                  if distil and args.init_embeddings_from_teacher else None)
+
+    def make(kept):
+        config = rnn_config if kept is None else dataclasses.replace(rnn_config, rows=len(kept) + 1)
+        student = DistilRNN(config)
+        if kept is not None:
+            student.keep_tokens(kept)
+        if embeddings is not None:
+            with torch.no_grad():
+                if kept is None:
+                    student.embed.weight.copy_(embeddings)
+                else:
+                    student.embed.weight[1:].copy_(embeddings[kept])
+        kind = (f"{'bi' if args.bidirectional else ''}{args.rnn_type.upper()} x{args.rnn_layers}, emb {args.emb_dim}, "
+                f"hidden {args.hidden}, {args.pool} pool"
+                + (f", vocabulary of the data: {len(kept):,} of {rnn_config.vocab_size:,} tokens" if kept else ""))
+        return student, kind
+    return make
+
+
+def transformer_maker(args, teacher, distil):
+    """make(kept) -> (a new TransformerStudent, its description): --student-layers of the teacher's layers
+    (--student-init) from its base or from the teacher itself (--student-from). The teacher's model is
+    loaded once, in float32 (the student trains in the run's precision), whatever the teacher's own
+    inference precision. make.hidden_targets: the teacher's hidden states at the student's layers, for
+    --kd-hidden (built only then)."""
+    base, _, info = load_classifier(teacher.base, teacher.num_labels, teacher.tokenizer, teacher.gguf)
+    n = len(layer_list(base))
+    if args.student_layers > n:
+        raise UserError(f"--student-layers {args.student_layers}: the teacher's model {teacher.base} has {n} layers; "
+                        f"a student takes at most that many (fewer, to be smaller and faster: 2 to {max(1, n // 4)} "
+                        f"is a quarter or less).")
+    layers = pick_layers(n, args.student_layers, args.student_init)
+    merged = None
+    if args.student_from == "teacher" or (distil and args.kd_hidden):
+        merged = copy.deepcopy(base) if args.student_from == "base" else base
+        try:
+            attach_adapter(merged, teacher.settings, teacher.tensors, head_names=info["head"])
+        except UserError as e:
+            raise UserError(f"the teacher {teacher.dir} does not fit the base model {teacher.base}: {e} {teacher.make}.")
+        unload_adapters(merged)
+    source = merged if args.student_from == "teacher" else base
+
+    def make(kept):
+        student = TransformerStudent.from_model(source, layers, args.student_init, args.student_from, kept)
+        if args.student_from == "base":  # a new head, drawn from the seed (as DistilBERT's and BERT-PKD's)
+            for name in info["head"]:
+                for m in student.net.get_submodule(name).modules():
+                    if isinstance(m, torch.nn.Linear):
+                        torch.nn.init.normal_(m.weight, std=0.02)
+                        if m.bias is not None:
+                            torch.nn.init.zeros_(m.bias)
+        return student, student.describe()
+    make.hidden_targets = HiddenTargets(merged, layers) if merged is not None and distil and args.kd_hidden else None
+    return make
 
 
 def check_student_flags(args, distil):
@@ -193,6 +269,21 @@ def check_student_flags(args, distil):
     if distil and args.transfer_lm < 0:
         raise UserError(f"--transfer-lm {args.transfer_lm}: give a number of sentences to sample per training "
                         f"sentence, 0 or more.")
+    kind = args.student
+    for flag, value in STUDENT_DEFAULTS[kind].items():
+        if getattr(args, flag) is None:
+            setattr(args, flag, value)
+    if kind == "rnn" and args.student_layers is not None:
+        raise UserError(f"--student-layers {args.student_layers} is for --student transformer (the RNN student's "
+                        f"size is --rnn-layers, --hidden and --emb-dim); add --student transformer or drop it.")
+    if distil and args.kd_hidden and kind != "transformer":
+        raise UserError(f"--kd-hidden {args.kd_hidden} matches a transformer student's layers to the teacher's; the "
+                        f"RNN student has none: add --student transformer or drop --kd-hidden.")
+    if distil and args.kd_hidden < 0:
+        raise UserError(f"--kd-hidden {args.kd_hidden}: the weight of the hidden-state loss must be 0 or more.")
+    if distil and kind == "transformer" and args.init_embeddings_from_teacher:
+        raise UserError("--init-embeddings-from-teacher is for the RNN student: a transformer student starts from the "
+                        "teacher's own embeddings already; drop the flag.")
     seeds = [args.SR + i for i in range(args.seeds)]
     if seeds[-1] >= 2**32:
         raise UserError(f"--seeds {args.seeds} from SR {args.SR} runs past the largest seed, 2^32 - 1; use fewer.")
@@ -248,6 +339,10 @@ def transfer_set(args, task, tok, teacher, seed, cache_dir):
         parts.append(("the language model's sentences", new))
     ids, logits = list(task.train.ids), [task.train.extras["teacher_logits"]]
     for name, sentences in parts:
+        if not sentences:  # a language model that writes nothing sentence-like (random weights): nothing to label
+            print(f"warning: transfer set: {name} are none (nothing was kept); this run goes on without them, on "
+                  f"the other sentences of the transfer set (if any) and the training sentences")
+            continue
         part = Examples.encode(tok, sentences, [IGNORE] * len(sentences), args.max_length, name)
         logits.append(teacher.logits(part, f"{name} of seed {seed}", cache_dir)[0])
         ids += part.ids
@@ -374,29 +469,18 @@ def linear_seconds(dtype, tokens=1024, width=576, out=1536):
     return min(times[1:])
 
 
-def train_student(args, seed, rnn_config, embeddings, train_set, task, teacher, extras, device, amp):
-    """One student of one seed: built, trained (with the KD loss under distil), the best epoch saved to
-    MODELS_DIR/<mode>_<seed>/ with its inference speed and training time."""
-    distil, teacher_info = teacher is not None, extras["teacher"]
-    out_dir = Path(args.models_dir) / f"{args.mode}_{seed}"
-    kept = None
-    if args.student_vocab == "data":  # the tokens of the sentences it trains on, and an unknown-token row
-        kept = sorted({t for ids in train_set.ids for t in ids})
-        rnn_config = dataclasses.replace(rnn_config, rows=len(kept) + 1)
+def train_student(args, seed, make, hidden, train_set, task, teacher, extras, device, amp):
+    """One student of one seed: built by make(kept), trained (with the KD loss under distil, and the
+    hidden-state loss with --kd-hidden), the best epoch saved to MODELS_DIR/<run name>/ with its inference
+    speed and training time."""
+    distil, teacher_info = args.mode == "distil", extras["teacher"]
+    name = run_name(args.mode, seed, student_tag(args))
+    out_dir = Path(args.models_dir) / name
+    # --student-vocab data: the tokens of the sentences it trains on, and an unknown-token row
+    kept = sorted({t for ids in train_set.ids for t in ids}) if args.student_vocab == "data" else None
     seed_everything(seed)  # the student's initial weights: the same in distil and rnn for the same seed
-    student = DistilRNN(rnn_config)
-    if kept is not None:
-        student.keep_tokens(kept)
-    if embeddings is not None:
-        with torch.no_grad():
-            if kept is None:
-                student.embed.weight.copy_(embeddings)
-            else:
-                student.embed.weight[1:].copy_(embeddings[kept])
+    student, kind = make(kept)
     total = sum(p.numel() for p in student.parameters())
-    kind = (f"{'bi' if args.bidirectional else ''}{args.rnn_type.upper()} x{args.rnn_layers}, emb {args.emb_dim}, "
-            f"hidden {args.hidden}, {args.pool} pool"
-            + (f", vocabulary of the data: {len(kept):,} of {rnn_config.vocab_size:,} tokens" if kept else ""))
     times = teacher_info["parameters"] / total if distil else 0
     ratio = "" if not distil else (f", {times:.1f}x smaller than the teacher" if times >= 1 else
                                    f", {1 / times:.1f}x larger than the teacher") + \
@@ -408,36 +492,61 @@ def train_student(args, seed, rnn_config, embeddings, train_set, task, teacher, 
               "tokenizer_gguf": e["tokenizer_gguf"], "tokenizer_fingerprint": e["tokenizer_fingerprint"],
               "labels": e["labels"], "task": e["task"], "max_length": e["max_length"], "eval_split": e["eval_split"],
               "parameters": total, "majority_acc": e["majority_acc"], "teacher": e["teacher"], "command": e["command"],
-              "environment": e["environment"], "plots": str(Path(args.plots_dir) / f"{args.mode}_{seed}")}
+              "environment": e["environment"], "plots": str(Path(args.plots_dir) / name), "kind": kind}
 
     def save_best(model, row):
         path = save_student(model, out_dir, {**extras, "best": row})
         return (f"  new best dev MCC {row['dev_mcc']:.4f}: student saved to {out_dir}/ "
                 f"({path.stat().st_size / 1024:.0f} KB)")
 
-    run_settings = {"student": vars(rnn_config), "tokenizer_fingerprint": extras["tokenizer_fingerprint"],
-                    "task": task.name,
+    run_settings = {"student": dataclasses.asdict(student.config),
+                    "tokenizer_fingerprint": extras["tokenizer_fingerprint"], "task": task.name,
                     "max_length": args.max_length, "eval_split": args.eval_split,
-                    "teacher": teacher.id if distil else None, "n_examples": len(train_set),
+                    "teacher": teacher.id if teacher else None, "n_examples": len(train_set),
                     "kd": [args.alpha, args.temperature, args.augment, args.init_embeddings_from_teacher,
-                           args.kd_loss, args.transfer_lm, args.shared_transfer] if distil else None}
+                           args.kd_loss, args.transfer_lm, args.shared_transfer, args.kd_hidden] if distil else None}
     title = (f"{args.mode} SR={seed}: {kind}, lr={args.lr:g}, batch={args.batch_size}"
              + (f", {args.kd_loss}, alpha={args.alpha:g}, T={args.temperature:g}, augment={args.augment}, "
-                f"transfer-lm={args.transfer_lm}" if distil else ""))
+                f"transfer-lm={args.transfer_lm}" + (f", hidden={args.kd_hidden:g}" if args.kd_hidden else "")
+                if distil else ""))
     loss_fn = (functools.partial(kd_loss, temperature=args.temperature, alpha=args.alpha, loss=args.kd_loss)
                if distil else None)
+    if hidden is not None:
+        loss_fn = with_hidden_loss(loss_fn, student, hidden, args.kd_hidden)
     with RunLock(out_dir, "--models-dir", args.command, hold=is_main()):
-        history = train_run(args, f"{args.mode}_{seed}", student, train_set, task.dev, task.majority, out_dir,
+        history = train_run(args, name, student, train_set, task.dev, task.majority, out_dir,
                             save_best, run_settings, title, device, amp, loss_fn=loss_fn, seed=seed)
         if is_main():
             record_speed(student, task.dev, history, out_dir, device, amp)
 
 
+def student_tag(args):
+    """What tells this student's runs apart from other students' in one models directory: nothing for the
+    RNN (distil_<seed>, as always), tf<K>-<init>-<from> for a transformer (distil_tf6-bottom-teacher_<seed>)."""
+    if args.student != "transformer":
+        return ""
+    return f"tf{args.student_layers}-{args.student_init}-{args.student_from}"
+
+
+def with_hidden_loss(loss_fn, student, targets, weight):
+    """loss_fn plus weight * the hidden-state loss (student.hidden_loss) of the student's layers against the
+    teacher's, which targets(input_ids, attention_mask) computes for the batch."""
+    student.record_hidden = True
+
+    def loss(logits, batch):
+        h = hidden_loss(student.hidden, targets(batch["input_ids"], batch["attention_mask"]), batch["attention_mask"])
+        if "n_total" in batch:  # this process's share of the whole batch (kd_loss and ce_loss average over it)
+            h = h * len(batch["labels"]) / batch["n_total"]
+        return loss_fn(logits, batch) + weight * h
+    return loss
+
+
 def record_speed(student, dev, history, out_dir, device, amp):
     """Inference speed (of one process) and training time, added to run_config.json for the comparison."""
-    local_logits(student, dev, device, 128, amp, progress=False)  # warm-up
+    # Batches of 128 sentences of one length, as the teacher's logits are computed: the same conditions.
+    logits_by_length(student, dev, device, 128, amp, progress=False, local=True)  # warm-up
     t0 = time.time()
-    local_logits(student, dev, device, 128, amp, progress=False)
+    logits_by_length(student, dev, device, 128, amp, progress=False, local=True)
     config = json.loads((out_dir / "run_config.json").read_text())
     config.update(inference_sentences_per_s=len(dev) / (time.time() - t0),
                   train_seconds=sum(r.get("train_seconds", 0) for r in history))
@@ -445,20 +554,27 @@ def record_speed(student, dev, history, out_dir, device, amp):
 
 
 def write_compare(args, models_dir):
-    """plots/compare_<SR>.md and .png, once the teacher and both students of this SR exist."""
+    """plots/compare_<SR>.md and .png, and the frontier plots/frontier_<SR>.png, once the teacher and a KD and a
+    scratch student of one kind exist for this SR: every kind of student found in the models directory."""
     compared = comparison_rows(models_dir, args.SR)
     if compared is None:
         other = "rnn" if args.mode == "distil" else "distil"
         print(f"comparison: `python run.py {other} {args.SR}` with the same flags writes the teacher / KD student / "
-              f"scratch student comparison, {args.plots_dir}/compare_{args.SR}.md and .png")
+              f"scratch student comparison, {args.plots_dir}/compare_{args.SR}.md and .png, and the speed/accuracy "
+              f"frontier {args.plots_dir}/frontier_{args.SR}.png")
         return
     rows, runs = compared
+    pair = first_pair(runs)
+    title = f"{pair['distil'][0].get('task', 'cola')}, SR={args.SR}"
     prefix = Path(args.plots_dir) / f"compare_{args.SR}"
-    md, png = write_comparison(prefix, rows, runs["distil"][0]["majority_acc"],
-                               f"{runs['distil'][0].get('task', 'cola')}, SR={args.SR}: teacher vs KD student vs "
-                               f"scratch student")
+    md, png = write_comparison(prefix, rows, pair["distil"][0]["majority_acc"],
+                               f"{title}: teacher vs KD students vs scratch students")
+    frontier = write_frontier(Path(args.plots_dir) / f"frontier_{args.SR}.png", rows,
+                              f"{title}: dev MCC against inference speed, every student found in {models_dir}")
+
     def architecture(run):  # a vocabulary cut to the data has as many rows as that data has tokens
         return {k: v for k, v in run["student"].items() if k != "rows"} | {"data_vocab": bool(run["student"].get("rows"))}
-    if architecture(runs["distil"][0]) != architecture(runs["rnn"][0]):
-        print("warning: the two students differ in architecture; the comparison is not like for like")
-    print(f"comparison: {md} and {png}")
+    for tag, p in runs.items():
+        if None not in p.values() and architecture(p["distil"][0]) != architecture(p["rnn"][0]):
+            print(f"warning: the two students{kind_label(tag)} differ in architecture; the comparison is not like for like")
+    print(f"comparison: {md} and {png}; frontier: {frontier}")

@@ -11,7 +11,7 @@ import os
 import re
 from pathlib import Path
 
-from train_utils import comparison_table, markdown_table, sweep_table
+from train_utils import comparison_table, frontier_table, markdown_table, sweep_table
 from utils import UserError, atomic_write, check_writable
 
 
@@ -87,38 +87,72 @@ def sweep_row(name, run_dir):
             "adapter_kb": (run_dir / "adapter_model.safetensors").stat().st_size / 1024, "history": history}
 
 
+def run_name(mode, seed, tag=""):
+    """A student run's directory: distil_<seed> / rnn_<seed> for the RNN student, distil_<tag>_<seed> for
+    another kind (tf6-bottom-teacher: a transformer of 6 layers, distil.student_tag), so that every kind
+    lives in one models directory."""
+    return f"{mode}_{tag}_{seed}" if tag else f"{mode}_{seed}"
+
+
+def student_kinds(models_dir, sr):
+    """The student kinds with a run of SR under models_dir: "" (the RNN) first, then the others' tags."""
+    tags = set()
+    for d in Path(models_dir).glob(f"*_{sr}"):
+        m = re.fullmatch(rf"(?:distil|rnn)_(tf[\w-]+)_{sr}", d.name)
+        if m and d.is_dir():
+            tags.add(m.group(1))
+    kinds = [""] if any((Path(models_dir) / run_name(m, sr)).is_dir() for m in ("distil", "rnn")) else []
+    return kinds + sorted(tags, key=lambda t: (-int(re.match(r"tf(\d+)", t).group(1)), t))
+
+
+def kind_label(tag):
+    return f" {tag}" if tag else ""
+
+
 def comparison_rows(models_dir, sr):
-    """The teacher, KD student and scratch student rows of write_comparison (each student over the seeds
-    of its --seeds group; row["dirs"]: the runs read), or None until distil_<SR> and rnn_<SR> both exist.
-    A run's damaged lines of metrics.jsonl are left out: its row shows the epochs that can be read."""
-    runs = {m: readable_run(Path(models_dir) / f"{m}_{sr}") for m in ("distil", "rnn")}
-    if None in runs.values():
+    """The rows of write_comparison: the teacher, then a KD student and a scratch student of each kind of
+    student found (the RNN, transformers of K layers), each over the seeds of its --seeds group (row["dirs"]:
+    the runs read). Returns (rows, runs), runs[kind] = {"distil": run or None, "rnn": run or None}, or None
+    until some kind has both a distil and an rnn run of SR. A run's damaged lines of metrics.jsonl are left out:
+    its row shows the epochs that can be read."""
+    models_dir = Path(models_dir)
+    runs = {tag: {m: readable_run(models_dir / run_name(m, sr, tag)) for m in ("distil", "rnn")}
+            for tag in student_kinds(models_dir, sr)}
+    if not any(None not in pair.values() for pair in runs.values()):
         return None
-    teacher = runs["distil"][0]["teacher"]
+    teacher = next(pair["distil"][0]["teacher"] for pair in runs.values() if pair["distil"])
     teacher_run = readable_run(Path(teacher["dir"]))
     t_seconds = sum(r.get("train_seconds", 0) for r in teacher_run[1]) if teacher_run else 0
     rows = [{"name": f"teacher: LoRA {Path(teacher['base']).name}", "params": teacher["parameters"],
              "acc": [teacher["dev_acc"]], "mcc": [teacher["dev_mcc"]], "train_seconds": [t_seconds or None],
              "sentences_per_s": [teacher["sentences_per_s"]], "history": teacher_run[1] if teacher_run else [],
-             "dirs": [Path(teacher["dir"])]}]
-    for mode, name in (("distil", "KD student (distil)"), ("rnn", "scratch student (rnn)")):
-        row = {"name": name, "acc": [], "mcc": [], "train_seconds": [], "sentences_per_s": [], "seeds": [],
-               "dirs": []}
-        for seed in runs[mode][0].get("seed_group", [sr]):
-            row["dirs"].append(Path(models_dir) / f"{mode}_{seed}")
-            run = readable_run(row["dirs"][-1])
-            if run is None:
+             "dirs": [Path(teacher["dir"])], "teacher": True}]
+    for tag, pair in runs.items():
+        for mode, name in (("distil", "KD student"), ("rnn", "scratch student")):
+            if pair[mode] is None:
                 continue
-            config, history = run
-            row["acc"].append(best(history)["dev_acc"])
-            row["mcc"].append(best(history)["dev_mcc"])
-            row["train_seconds"].append(config.get("train_seconds"))
-            row["sentences_per_s"].append(config.get("inference_sentences_per_s"))
-            row["seeds"].append(seed)
-            row.setdefault("history", history)
-            row["params"] = config["parameters"]
-        rows.append(row)
+            row = {"name": f"{name}{kind_label(tag)} ({mode})", "acc": [], "mcc": [], "train_seconds": [],
+                   "sentences_per_s": [], "seeds": [], "dirs": [], "kind": tag, "mode": mode}
+            for seed in pair[mode][0].get("seed_group", [sr]):
+                row["dirs"].append(models_dir / run_name(mode, seed, tag))
+                run = readable_run(row["dirs"][-1])
+                if run is None:
+                    continue
+                config, history = run
+                row["acc"].append(best(history)["dev_acc"])
+                row["mcc"].append(best(history)["dev_mcc"])
+                row["train_seconds"].append(config.get("train_seconds"))
+                row["sentences_per_s"].append(config.get("inference_sentences_per_s"))
+                row["seeds"].append(seed)
+                row.setdefault("history", history)
+                row["params"] = config["parameters"]
+            rows.append(row)
     return rows, runs
+
+
+def first_pair(runs):
+    """The distil and rnn runs of the first kind that has both (the RNN's, if there)."""
+    return next(pair for pair in runs.values() if None not in pair.values())
 
 
 # --------------------------------------------------------------------------- the report
@@ -252,8 +286,10 @@ def describe_adapter(page, config, run_dir):
 
 def describe_student(page, config, run_dir):
     s, teacher = config["student"], config.get("teacher")
-    page.p(f"Student: {'bi' if s.get('bidirectional') else ''}{s.get('rnn_type', '?').upper()} x{s.get('n_layers')}, "
-           f"embeddings {s.get('emb_dim')}, hidden {s.get('hidden')}, {s.get('pool')} pooling; "
+    what = (config.get("kind") or "a transformer" if s.get("kind") == "transformer" else
+            f"{'bi' if s.get('bidirectional') else ''}{s.get('rnn_type', '?').upper()} x{s.get('n_layers')}, "
+            f"embeddings {s.get('emb_dim')}, hidden {s.get('hidden')}, {s.get('pool')} pooling")
+    page.p(f"Student: {what}; "
            f"{config['parameters']:,} parameters" +
            (f"; teacher `{teacher['dir']}` ({teacher['parameters']:,} parameters, "
             f"{teacher['parameters'] / config['parameters']:.1f}x larger)" if teacher else "; no teacher") + ".")
@@ -264,7 +300,7 @@ def build_report(sr, models_dir, plots_dir):
     models_dir, plots_dir = Path(models_dir), Path(plots_dir)
     lora_dir, sweep_dir = models_dir / f"LoRA_{sr}", models_dir / f"sweep_{sr}"
     student_dirs = {m: models_dir / f"{m}_{sr}" for m in ("distil", "rnn")}
-    found = [d for d in (lora_dir, sweep_dir, *student_dirs.values()) if d.is_dir()]
+    found = [d for d in (lora_dir, sweep_dir, *student_dirs.values()) if d.is_dir()] + student_kinds(models_dir, sr)
     if not found:
         raise UserError(f"no runs of SR {sr} in {models_dir}/ (looked for LoRA_{sr}, distil_{sr}, rnn_{sr} and "
                         f"sweep_{sr}): run `python run.py LoRA {sr}` (then distil and rnn) first, or pass "
@@ -282,37 +318,48 @@ def build_report(sr, models_dir, plots_dir):
         missing.append(f"LoRA: `python run.py LoRA {sr}` writes `{lora_dir}/`")
         page.p(f"Not run: `python run.py LoRA {sr}` writes `{lora_dir}/`.")
 
-    page.h(2, "Distillation: teacher, KD student and scratch student")
+    page.h(2, "Distillation: teacher, KD students and scratch students")
     compared = comparison_rows(models_dir, sr)
     if compared:
         rows, runs = compared
+        pair = first_pair(runs)
         page.p("Best epoch (by dev MCC) of each run; mean ± standard deviation over the seeds of `--seeds`; the "
-               f"majority class scores accuracy {runs['distil'][0]['majority_acc']:.4f}, MCC 0.")
+               f"majority class scores accuracy {pair['distil'][0]['majority_acc']:.4f}, MCC 0.")
         page.table(*comparison_table(rows))
         damaged = [d for row in rows for d in row["dirs"] if d.is_dir() and inspect_run(d)[2]]  # gone: missing
         if damaged:
             page.p(f"**Note:** {', '.join(f'`{d}`' for d in damaged)}: missing or damaged files (see Missing and "
                    f"damaged below); the table shows the epochs that can be read.")
             problems += [problem for d in damaged for problem in inspect_run(d)[2]]
-        page.image(plots_dir / f"compare_{sr}.png", "teacher vs KD student vs scratch student")
-        if runs["distil"][0]["student"] != runs["rnn"][0]["student"]:
-            page.p("**Note:** the two students differ in architecture; the comparison is not like for like.")
+        page.image(plots_dir / f"compare_{sr}.png", "teacher vs KD students vs scratch students")
+        for tag, p in runs.items():
+            if None not in p.values() and p["distil"][0]["student"] != p["rnn"][0]["student"]:
+                page.p(f"**Note:** the two students{kind_label(tag)} differ in architecture; the comparison is not "
+                       f"like for like.")
+        page.h(3, "Speed/accuracy frontier")
+        page.p("Fastest first: what each step down in size costs. Speeds as each run recorded them, on its machine.")
+        page.table(*frontier_table(rows))
+        page.image(plots_dir / f"frontier_{sr}.png", "dev MCC against inference speed")
     elif all(d.is_dir() for d in student_dirs.values()):
         page.p(f"No comparison: {' or '.join(f'`{d}`' for d in student_dirs.values())} has no readable "
                f"run_config.json or epoch (see Missing and damaged below).")
-    for mode, make in (("distil", f"`python run.py distil {sr}` (after LoRA)"), ("rnn", f"`python run.py rnn {sr}`")):
-        first = inspect_run(student_dirs[mode])[0]
-        seeds = first.get("seed_group", [sr]) if first else [sr]
-        if not student_dirs[mode].is_dir():
-            missing.append(f"{mode}: {make} writes `{student_dirs[mode]}/`")
-            page.p(f"Not run: {make} writes `{student_dirs[mode]}/`.")
-            continue
-        for seed in seeds:
-            d = models_dir / f"{mode}_{seed}"
-            if not d.is_dir():
-                missing.append(f"{mode} seed {seed} of the `--seeds` group: `{d}/` is gone")
+    kinds = student_kinds(models_dir, sr) or [""]
+    for tag in kinds:
+        for mode, make in (("distil", f"`python run.py distil {sr}` (after LoRA)"), ("rnn", f"`python run.py rnn {sr}`")):
+            first_dir = models_dir / run_name(mode, sr, tag)
+            first = inspect_run(first_dir)[0]
+            seeds = first.get("seed_group", [sr]) if first else [sr]
+            if not first_dir.is_dir():
+                if not tag:
+                    missing.append(f"{mode}: {make} writes `{first_dir}/`")
+                    page.p(f"Not run: {make} writes `{first_dir}/`.")
                 continue
-            problems += run_section(page, f"{mode}_{seed}", d, plots_dir / f"{mode}_{seed}", describe_student)[2]
+            for seed in seeds:
+                d = models_dir / run_name(mode, seed, tag)
+                if not d.is_dir():
+                    missing.append(f"{mode}{kind_label(tag)} seed {seed} of the `--seeds` group: `{d}/` is gone")
+                    continue
+                problems += run_section(page, d.name, d, plots_dir / d.name, describe_student)[2]
 
     if sweep_dir.is_dir():
         page.h(2, "Sweep")

@@ -54,8 +54,10 @@ def add_data(p):
 
 
 def add_training(p, epochs, lr, batch_size, weight_decay):
-    p.add_argument("--epochs", type=positive(int), default=epochs, help="passes over the training set")
-    p.add_argument("--lr", type=positive(float), default=lr, help="peak learning rate of AdamW")
+    student = "; default: 10 for the RNN student, 3 for a transformer" if epochs is None else ""
+    p.add_argument("--epochs", type=positive(int), default=epochs, help="passes over the training set" + student)
+    p.add_argument("--lr", type=positive(float), default=lr, help="peak learning rate of AdamW" +
+                   (student and "; default: 2e-3 for the RNN student, 5e-5 for a transformer"))
     p.add_argument("--batch-size", type=positive(int), default=batch_size, help="sentences per optimiser step")
     p.add_argument("--weight-decay", type=non_negative, default=weight_decay, help="AdamW's, on matrices only")
     p.add_argument("--warmup-ratio", type=fraction, default=0.06, help="linear warm-up over this share of the "
@@ -68,6 +70,17 @@ def add_training(p, epochs, lr, batch_size, weight_decay):
 
 
 def add_student(p, distil):
+    p.add_argument("--student", default="rnn", choices=["rnn", "transformer"],
+                   help="rnn: the course's recurrent student (its flags below); transformer: K of the teacher's own "
+                   "layers (DistilBERT, BERT-PKD), everything trainable; needs the teacher in rnn mode too")
+    p.add_argument("--student-layers", type=positive(int), metavar="K", help="--student transformer: how many of the "
+                   "teacher's layers (default 6)")
+    p.add_argument("--student-init", default="bottom", choices=["bottom", "every"],
+                   help="--student transformer: the teacher's bottom K layers, or K spread evenly from the first "
+                   "(every n-th, as DistilBERT)")
+    p.add_argument("--student-from", default="teacher", choices=["teacher", "base"],
+                   help="--student transformer: copy the layers (and head) of the teacher with its adapter merged, "
+                   "or of its pretrained base model (a new head)")
     p.add_argument("--rnn-type", default="gru", choices=["gru", "lstm", "rnn"],
                    help="the recurrent cell; rnn is the plain tanh RNN of the course assignment")
     p.add_argument("--rnn-layers", type=positive(int), default=1, help="stacked recurrent layers")
@@ -86,9 +99,13 @@ def add_student(p, distil):
                    "(one seed of a small RNN on CoLA is noise; the comparison shows mean ± std)")
     p.add_argument("--models-dir", default="models", help="runs go to MODELS_DIR/%s_<seed>/; the teacher is "
                    "looked for in MODELS_DIR/LoRA_<SR>/" % ("distil" if distil else "rnn"))
+    p.add_argument("--teacher", help="adapter directory of the teacher (this project's or peft's); default: "
+                   "MODELS_DIR/LoRA_<SR>, what `run.py LoRA <SR>` writes" + ("" if distil else
+                   ". rnn mode reads it only for --student transformer (its starting weights), never its logits"))
     if distil:
-        p.add_argument("--teacher", help="adapter directory of the teacher (this project's or peft's); default: "
-                       "MODELS_DIR/LoRA_<SR>, what `run.py LoRA <SR>` writes")
+        p.add_argument("--kd-hidden", type=float, default=0.0, metavar="W", help="--student transformer: add W times "
+                       "the hidden-state loss (1 - cosine of each student layer's output and the teacher layer it "
+                       "came from, over the real tokens)")
         p.add_argument("--temperature", type=positive(float), default=2.0, help="softens both distributions")
         p.add_argument("--alpha", type=float, default=0.5, help="weight of the soft (teacher) term, in [0, 1]")
         p.add_argument("--augment", type=int, default=0, metavar="N", help="N extra unlabelled sentences per "
@@ -168,7 +185,7 @@ def build_parser():
         p.set_defaults(model=None)
         add_data(p)
         add_student(p, distil=mode == "distil")
-        add_training(p, epochs=10, lr=2e-3, batch_size=32, weight_decay=0.0)
+        add_training(p, epochs=None, lr=None, batch_size=32, weight_decay=0.0)
 
     p = sub.add_parser("report", help="gather every run of SR (LoRA, distil, rnn, sweep) into one page: "
                        "reports/report_<SR>.md and a self-contained .html", **fmt)

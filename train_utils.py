@@ -495,6 +495,63 @@ def comparison_table(rows):
                       len(r["acc"])] for r in rows]
 
 
+def mean(values):
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def frontier_table(rows):
+    """(columns, cells) of the speed/accuracy frontier: every model of a comparison (write_comparison's rows,
+    the teacher's first) from the fastest to the slowest, each with what it keeps of the teacher's MCC and how
+    much smaller and faster than the teacher it is."""
+    teacher = rows[0]
+    t_mcc, t_speed = mean(teacher["mcc"]), mean(teacher["sentences_per_s"])
+    columns = ["model", "parameters", "x smaller", "inference (sentences/s)", "x faster", "dev MCC",
+               "of the teacher's MCC", "seeds"]
+    cells = []
+    for r in sorted(rows, key=lambda r: -(mean(r["sentences_per_s"]) or 0)):
+        speed, mcc = mean(r["sentences_per_s"]), mean(r["mcc"])
+        cells.append([r["name"], f"{r['params'] / 1e6:.2f}M", f"{teacher['params'] / r['params']:.1f}",
+                      mean_std(r["sentences_per_s"], "{:.0f}"),
+                      f"{speed / t_speed:.1f}" if speed and t_speed else "n/a", mean_std(r["mcc"]),
+                      f"{100 * mcc / t_mcc:.0f}%" if mcc is not None and t_mcc else "n/a", len(r["mcc"])])
+    return columns, cells
+
+
+def write_frontier(path, rows, title):
+    """The speed/accuracy frontier as a picture: dev MCC (mean, ± std over the seeds as error bars) against
+    inference sentences/s on a log axis, one point per model of the comparison, its area growing with the
+    parameters; each point named with its parameters."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=DPI)
+    biggest = max(r["params"] for r in rows)
+    for r in rows:
+        speed, mcc = mean(r["sentences_per_s"]), mean(r["mcc"])
+        if speed is None or mcc is None:
+            continue
+        values = [v for v in r["mcc"] if v is not None]
+        std = (sum((v - mcc) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0
+        marker = "*" if r.get("teacher") else ("o" if r.get("mode") == "distil" else "s")
+        ax.errorbar(speed, mcc, yerr=std, fmt=marker, markersize=6 + 14 * (r["params"] / biggest) ** 0.5,
+                    capsize=3, label=r["name"], alpha=0.8)
+        ax.annotate(f"{r['params'] / 1e6:.1f}M", (speed, mcc), textcoords="offset points", xytext=(8, -12),
+                    fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("inference speed (sentences/s, log scale)")
+    ax.set_ylabel("dev MCC (best epoch; mean ± std over seeds)")
+    ax.axhline(0.0, color="grey", linestyle="--", linewidth=0.8)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="best")
+    figure_title(fig, title)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=DPI))
+    plt.close(fig)
+    return Path(path)
+
+
 def sweep_table(rows):
     """(columns, cells) of the sweep table (see write_sweep)."""
     columns = ["name", "method", "targets", "r", "alpha", "dropout", "trainable", "trainable %", "dev accuracy",
@@ -515,7 +572,11 @@ def write_comparison(prefix, rows, baseline_acc, title):
 
     lines = [f"# {title}", "",
              f"Best epoch (by dev MCC) of each run; the majority class scores accuracy {baseline_acc:.4f}, MCC 0.",
-             "", *markdown_table(*comparison_table(rows))]
+             "", *markdown_table(*comparison_table(rows)), "", "## Speed/accuracy frontier", "",
+             "Fastest first; speeds as each run recorded them (the teacher's from its logit pass, a student's on the "
+             "dev set, both in batches of one length), on the machine that ran it. `python bench.py distil "
+             "--distil-teacher DIR --distil-student DIR` times a pair in turns on one machine.", "",
+             *markdown_table(*frontier_table(rows))]
     atomic_write(f"{prefix}.md", lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), dpi=DPI)

@@ -463,13 +463,18 @@ def is_student_dir(path):
 
 
 def load_student(student_dir):
-    """(DistilRNN in eval mode, run_config) from a directory that save_student wrote."""
+    """(the student in eval mode, run_config) from a directory that save_student wrote: a DistilRNN, or a
+    student.TransformerStudent (its config says kind "transformer")."""
     from safetensors.torch import load_file
     from model import DistilRNN, RNNConfig
     d = Path(student_dir).expanduser()
     try:
         extras = json.loads((d / "run_config.json").read_text())
-        model = DistilRNN(RNNConfig(**extras["student"]))
+        if extras["student"].get("kind") == "transformer":
+            from student import TransformerConfig, TransformerStudent
+            model = TransformerStudent.from_config(TransformerConfig(**extras["student"]))
+        else:
+            model = DistilRNN(RNNConfig(**extras["student"]))
         model.load_state_dict(load_file(d / STUDENT_WEIGHTS))
     except Exception as e:
         raise UserError(f"{d}: not a readable student ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"

@@ -233,3 +233,90 @@ def test_teacher_for_another_model_is_a_clean_error_and_writes_nothing(teacher, 
 def test_bad_student_flags(flags, message, tmp_path):
     out = run("distil", 7, "--models-dir", tmp_path, *flags)
     assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
+
+
+# --------------------------------------------------------------------------- transformer students
+
+TF = ["--data-dir", COLA_DIR, "--limit-train", 160, "--student", "transformer", "--student-layers", 1, "--epochs", 2,
+      "--lr", 1e-3, "--student-vocab", "data"]
+
+
+@pytest.fixture(scope="module")
+def transformer_students(students, tmp_path_factory):
+    """Beside the RNN pair (a copy of `students`' models directory): a transformer student of the tiny teacher's
+    bottom layer with KD, the hidden-state loss and a --transfer-lm set that the random language model leaves
+    empty, then the same student on the labels alone (rnn mode, --teacher for its starting weights)."""
+    models, plots, _, _ = students
+    tmp = tmp_path_factory.mktemp("tf-students")
+    shutil.copytree(models, tmp / "models", ignore=shutil.ignore_patterns("teacher_cache"))
+    common = ["--models-dir", tmp / "models", "--plots-dir", tmp / "plots", *TF]
+    kd = ok(run("distil", 7, *common, "--kd-hidden", 1, "--transfer-lm", 0.1))
+    scratch = ok(run("rnn", 7, *common, "--teacher", tmp / "models" / "LoRA_7"))
+    return tmp / "models", tmp / "plots", kd, scratch
+
+
+def test_transformer_students_train_compare_and_draw_the_frontier(transformer_students):
+    models, plots, kd, scratch = transformer_students
+    name = "tf1-bottom-teacher"
+    for mode, proc in (("distil", kd), ("rnn", scratch)):
+        config = json.loads((models / f"{mode}_{name}_7" / "run_config.json").read_text())
+        assert config["student"]["kind"] == "transformer" and config["student"]["layers"] == [0]
+        assert config["student"]["teacher_layers"] == 2 and 0 < config["student"]["rows"] < 50257
+        assert config["inference_sentences_per_s"] > 0 and [r["epoch"] for r in metrics(models / f"{mode}_{name}_7")] == [1, 2]
+        assert "gpt2 transformer, 1 of the teacher's 2 layers (bottom: 0) from the teacher (adapter merged)" in proc.stdout
+    # the language model kept nothing: said, and the run goes on without those sentences
+    assert "0 sentences written by" in kd.stdout and "this run goes on without them" in kd.stdout
+    assert "teacher logits for the training and dev sentences" in kd.stdout  # the logit cache was not copied
+    assert "teacher logits" not in scratch.stdout  # rnn mode reads the teacher's weights, never its logits
+    md = (plots / "compare_7.md").read_text()
+    table = md.split("## Speed/accuracy frontier")[0]
+    for row in ("teacher: LoRA", "KD student (distil)", "scratch student (rnn)", f"KD student {name} (distil)",
+                f"scratch student {name} (rnn)"):
+        assert f"| {row}" in table, row
+    frontier = [line for line in md.split("## Speed/accuracy frontier")[1].splitlines() if line.startswith("| ")][1:]
+    assert len(frontier) == 5 and any(line.startswith("| teacher: LoRA") and "| 1.0 |" in line for line in frontier)
+    speeds = [float(line.split("|")[4].strip().replace(",", "")) for line in frontier]
+    assert speeds == sorted(speeds, reverse=True)  # fastest first
+    assert (plots / "frontier_7.png").stat().st_size > 1000
+
+
+def test_predict_and_report_with_a_transformer_student(transformer_students, tmp_path):
+    """predict loads the transformer student like any student and gives the dev accuracy its training
+    recorded; the report holds the transformer rows and the frontier."""
+    from data import load_cola
+    models, plots, _, _ = transformer_students
+    student = models / "distil_tf1-bottom-teacher_7"
+    config = json.loads((student / "run_config.json").read_text())
+    sentences, labels = load_cola(COLA_DIR)["dev"]
+    (tmp_path / "dev.txt").write_text("\n".join(sentences) + "\n")
+    lines = ok(run("predict", 7, "--adapter", student, "--input", tmp_path / "dev.txt")).stdout.splitlines()
+    predicted = [config["labels"].index(line.split(" (")[0]) for line in lines]
+    assert sum(p == y for p, y in zip(predicted, labels)) / len(labels) == pytest.approx(config["best"]["dev_acc"],
+                                                                                         abs=1e-12)
+    ok(run("report", 7, "--models-dir", models, "--plots-dir", plots, "--out-dir", tmp_path / "reports"))
+    md = (tmp_path / "reports" / "report_7.md").read_text()
+    assert "Speed/accuracy frontier" in md and "KD student tf1-bottom-teacher (distil)" in md
+    assert "distil_tf1-bottom-teacher_7" in md and "frontier_7.png" in md
+
+
+@pytest.mark.parametrize("mode, flags, message", [
+    ("distil", ["--student", "transformer", "--student-layers", "3"], "the teacher's model"),
+    ("rnn", ["--student", "transformer", "--student-layers", "3"], "has 2 layers"),
+    ("distil", ["--student-layers", "2"], "--student-layers 2 is for --student transformer"),
+    ("distil", ["--kd-hidden", "1"], "--kd-hidden 1.0 matches a transformer student's layers"),
+    ("distil", ["--student", "transformer", "--kd-hidden", "-1"], "--kd-hidden -1.0"),
+    ("distil", ["--student", "transformer", "--init-embeddings-from-teacher"], "--init-embeddings-from-teacher"),
+])
+def test_bad_transformer_student_flags_are_clean_errors(teacher, tmp_path, mode, flags, message):
+    out = run(mode, 7, "--models-dir", tmp_path / "models", "--plots-dir", tmp_path / "plots", "--teacher",
+              teacher / "models" / "LoRA_7", "--data-dir", COLA_DIR, "--limit-train", 16, *flags)
+    assert message in user_error(out)
+    assert not list((tmp_path / "models").glob("*_7"))  # no run directory
+
+
+def test_student_layers_zero_and_a_transformer_without_teacher(tmp_path):
+    out = run("rnn", 7, "--student", "transformer", "--student-layers", "0", "--models-dir", tmp_path)
+    assert out.returncode == 2 and "argument --student-layers" in out.stderr and "Traceback" not in out.stderr
+    msg = user_error(run("rnn", 7, "--student", "transformer", "--models-dir", tmp_path / "models",
+                         "--plots-dir", tmp_path / "plots", "--data-dir", COLA_DIR, "--limit-train", 16))
+    assert "python run.py LoRA 7" in msg and "--teacher" in msg

@@ -83,6 +83,21 @@ def call(url, method="GET", body=None, raw=None, content_type="application/json"
         return e.code, json.loads(text)
 
 
+def make_transformer_student(base_dir, out_dir):
+    """A transformer student of the tiny GPT-2: its layer 1 alone, a vocabulary cut to a few hundred tokens."""
+    from model import GPTClassifier
+    from student import TransformerStudent
+    from utils import load_gpt, load_tokenizer, save_student, tokenizer_fingerprint
+    torch.manual_seed(6)
+    net = load_gpt(base_dir, cls=GPTClassifier, num_labels=2)
+    tok = load_tokenizer(base_dir)
+    kept = sorted({t for s in SENTENCES for t in tok(s)["input_ids"]} | set(range(300)))
+    student = TransformerStudent.from_model(net, [1], "every", "base", kept=kept).eval()
+    save_student(student, out_dir, {"tokenizer": str(base_dir), "labels": COLA, "max_length": 128, "task": "test",
+                                    "tokenizer_fingerprint": tokenizer_fingerprint(tok)})
+    return out_dir
+
+
 @pytest.fixture(scope="module")
 def adapters(tiny_dir, tmp_path_factory):
     """--adapters-dir with a LoRA (layer norms trained), an IA3 (layer norms trained), a LoRA on c_attn alone
@@ -94,7 +109,7 @@ def adapters(tiny_dir, tmp_path_factory):
             "b": make_adapter(tiny_dir, root / "b", "ia3", ["attn.c_attn", "mlp.c_proj"], ["mlp.c_proj"], seed=1),
             "c": make_adapter(tiny_dir, root / "c", "lora", ["attn.c_attn"], layernorms=False, seed=2),
             "three": make_adapter(tiny_dir, root / "three", "lora", GPT2_LORA, labels=THREE, seed=3),
-            "s": make_student(tiny_dir, root / "s")}
+            "s": make_student(tiny_dir, root / "s"), "t": make_transformer_student(tiny_dir, root / "t")}
     bert = root / "bert"  # a peft adapter of another architecture
     write_json(bert / "adapter_config.json", adapter_settings("lora", target_modules=["query", "value"]))
     save_file({"base_model.model.encoder.layer.0.attention.self.query.lora_A.weight": torch.zeros(4, 32)},
@@ -113,7 +128,7 @@ def adapters(tiny_dir, tmp_path_factory):
 def server(tiny_dir, adapters):
     root, made = adapters
     port = free_port()
-    flags = [f for name in ("a", "b", "c", "three", "s") for f in ("--adapter", f"{name}={made[name]}")]
+    flags = [f for name in ("a", "b", "c", "three", "s", "t") for f in ("--adapter", f"{name}={made[name]}")]
     env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "PATH": ""}
     proc = subprocess.Popen([sys.executable, str(ROOT / "run.py"), "serve", "7", *flags, "--adapters-dir", str(root),
                              "--port", str(port), "--threads", "1", "--log-level", "warning", "--batch-window", "20"],
@@ -155,7 +170,7 @@ def predicted(tiny_dir, adapter_dir, sentences):
 
 def test_mixed_adapters_in_one_request_equal_predict(server, adapters, tiny_dir):
     _, made = adapters
-    names = ["a", "b", "c", "three", "s"]
+    names = ["a", "b", "c", "three", "s", "t"]
     inputs = [{"adapter": names[(i + j) % len(names)], "text": s} for i, s in enumerate(SENTENCES) for j in range(3)]
     status, body = call(server + "/classify", "POST", {"inputs": inputs})
     assert status == 200, body
@@ -248,7 +263,7 @@ def test_load_and_unload_at_runtime(server, adapters, tiny_dir):
     assert status == 201 and info["name"] == "again" and info["method"] == "LoRA" and info["rank"] == 2
     assert info["labels"] == COLA and info["parameters"] == 4864 and info["task"] == "test"
     listed = {x["name"]: x for x in call(server + "/adapters")[1]["adapters"]}
-    assert set(listed) == {"a", "b", "c", "three", "s", "again"}
+    assert set(listed) == {"a", "b", "c", "three", "s", "t", "again"}
     assert listed["b"]["method"] == "IA3" and listed["s"]["kind"] == "student" and listed["three"]["labels"] == THREE
     got = call(server + "/classify", "POST", {"inputs": [text, {**text, "adapter": "again"}]})[1]["outputs"]
     assert abs(got[1]["probability"] - want["probability"]) <= 1e-6 and got[0]["label"] == got[1]["label"]
