@@ -74,11 +74,15 @@ class Teacher:
             except UserError as e:
                 raise UserError(f"the teacher {self.dir} does not fit the base model {self.base}: {e} {self.make}.")
             merge_adapters(model)  # inference at the base model's speed
-            # The merged model's size: the adapters' own factors (not their base layers) are folded in.
-            self.parameters = sum(p.numel() for p in model.parameters()) - sum(
-                p.numel() for m in adapter_modules(model) for p in m.parameters(recurse=False))
+            self.parameters = self.parameters_of(model)
             self.model = self.cast(model.to(self.device).eval().requires_grad_(False))
         return self.model
+
+    @staticmethod
+    def parameters_of(model):
+        """The merged model's size: the adapters' own factors (not their base layers) are folded in."""
+        return sum(p.numel() for p in model.parameters()) - sum(
+            p.numel() for m in adapter_modules(model) for p in m.parameters(recurse=False))
 
     def cast(self, model):
         """In half precision, the whole model in that dtype: autocast would cast every weight again at every
@@ -171,11 +175,11 @@ def train_students(args):
     transformer = args.student == "transformer"
     teacher = Teacher(args, device, teacher_precision(args, device, amp)) if distil or transformer else None
     task, tok, tok_name, tok_gguf = student_data(args, teacher)
+    # A transformer student's source is loaded (and --student-layers checked) before the teacher runs.
+    make = transformer_maker(args, teacher, distil) if transformer else None
     teacher_info = teacher_targets(teacher, task, cache_dir) if distil else None
-    make, hidden = (transformer_maker(args, teacher, distil) if transformer
-                    else rnn_maker(args, tok, task, teacher, distil)), None
-    if distil and args.kd_hidden:
-        hidden = make.hidden_targets
+    make = make or rnn_maker(args, tok, task, teacher, distil)
+    hidden = make.hidden_targets if distil and args.kd_hidden else None
     extras = {"mode": args.mode, "seed_group": seeds, "tokenizer": str(tok_name), "tokenizer_gguf": tok_gguf,
               "tokenizer_fingerprint": tokenizer_fingerprint(tok), "labels": task.labels, "task": task.name,
               "max_length": args.max_length, "eval_split": args.eval_split, "majority_acc": task.majority,
@@ -192,7 +196,7 @@ def train_students(args):
 
 # Each student's own defaults for the flags left unset (a transformer of pretrained layers wants a learning
 # rate of fine-tuning and few epochs; the RNN from scratch, a larger rate and more epochs).
-STUDENT_DEFAULTS = {"rnn": {"lr": 2e-3, "epochs": 10}, "transformer": {"lr": 5e-5, "epochs": 3, "student_layers": 6}}
+STUDENT_DEFAULTS = {"rnn": {"lr": 2e-3, "epochs": 10}, "transformer": {"lr": 5e-5, "epochs": 2, "student_layers": 6}}
 
 
 def rnn_maker(args, tok, task, teacher, distil):

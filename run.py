@@ -54,7 +54,7 @@ def add_data(p):
 
 
 def add_training(p, epochs, lr, batch_size, weight_decay):
-    student = "; default: 10 for the RNN student, 3 for a transformer" if epochs is None else ""
+    student = "; default: 10 for the RNN student, 2 for a transformer" if epochs is None else ""
     p.add_argument("--epochs", type=positive(int), default=epochs, help="passes over the training set" + student)
     p.add_argument("--lr", type=positive(float), default=lr, help="peak learning rate of AdamW" +
                    (student and "; default: 2e-3 for the RNN student, 5e-5 for a transformer"))
@@ -78,9 +78,9 @@ def add_student(p, distil):
     p.add_argument("--student-init", default="bottom", choices=["bottom", "every"],
                    help="--student transformer: the teacher's bottom K layers, or K spread evenly from the first "
                    "(every n-th, as DistilBERT)")
-    p.add_argument("--student-from", default="teacher", choices=["teacher", "base"],
-                   help="--student transformer: copy the layers (and head) of the teacher with its adapter merged, "
-                   "or of its pretrained base model (a new head)")
+    p.add_argument("--student-from", default="base", choices=["base", "teacher"],
+                   help="--student transformer: copy the layers of the teacher's pretrained base model (a new head), "
+                   "or of the teacher with its adapter merged (its head too)")
     p.add_argument("--rnn-type", default="gru", choices=["gru", "lstm", "rnn"],
                    help="the recurrent cell; rnn is the plain tanh RNN of the course assignment")
     p.add_argument("--rnn-layers", type=positive(int), default=1, help="stacked recurrent layers")

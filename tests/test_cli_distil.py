@@ -250,20 +250,25 @@ def transformer_students(students, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tf-students")
     shutil.copytree(models, tmp / "models", ignore=shutil.ignore_patterns("teacher_cache"))
     common = ["--models-dir", tmp / "models", "--plots-dir", tmp / "plots", *TF]
-    kd = ok(run("distil", 7, *common, "--kd-hidden", 1, "--transfer-lm", 0.1))
+    kd_flags = ["--kd-hidden", 1, "--transfer-lm", 0.1]
+    resumed = ["--models-dir", tmp / "resumed", "--plots-dir", tmp / "resumed-plots", "--teacher",
+               tmp / "models" / "LoRA_7", *TF, *kd_flags]
+    kd, (killed, again) = together(lambda: ok(run("distil", 7, *common, *kd_flags)),  # beside it: killed, resumed
+                                   lambda: (run("distil", 7, *resumed, env={"RUN_PY_STOP_AFTER_EPOCH": "1"}),
+                                            run("distil", 7, *resumed, "--resume")))
     scratch = ok(run("rnn", 7, *common, "--teacher", tmp / "models" / "LoRA_7"))
-    return tmp / "models", tmp / "plots", kd, scratch
+    return tmp / "models", tmp / "plots", kd, scratch, (ok(killed), ok(again), tmp / "resumed")
 
 
 def test_transformer_students_train_compare_and_draw_the_frontier(transformer_students):
-    models, plots, kd, scratch = transformer_students
-    name = "tf1-bottom-teacher"
+    models, plots, kd, scratch, _ = transformer_students
+    name = "tf1-bottom-base"
     for mode, proc in (("distil", kd), ("rnn", scratch)):
         config = json.loads((models / f"{mode}_{name}_7" / "run_config.json").read_text())
         assert config["student"]["kind"] == "transformer" and config["student"]["layers"] == [0]
         assert config["student"]["teacher_layers"] == 2 and 0 < config["student"]["rows"] < 50257
         assert config["inference_sentences_per_s"] > 0 and [r["epoch"] for r in metrics(models / f"{mode}_{name}_7")] == [1, 2]
-        assert "gpt2 transformer, 1 of the teacher's 2 layers (bottom: 0) from the teacher (adapter merged)" in proc.stdout
+        assert "gpt2 transformer, 1 of the teacher's 2 layers (bottom: 0) from the pretrained base" in proc.stdout
     # the language model kept nothing: said, and the run goes on without those sentences
     assert "0 sentences written by" in kd.stdout and "this run goes on without them" in kd.stdout
     assert "teacher logits for the training and dev sentences" in kd.stdout  # the logit cache was not copied
@@ -280,12 +285,28 @@ def test_transformer_students_train_compare_and_draw_the_frontier(transformer_st
     assert (plots / "frontier_7.png").stat().st_size > 1000
 
 
+def test_a_killed_transformer_student_resumes_to_the_uninterrupted_run(transformer_students):
+    """Killed after epoch 1 (hidden-state loss and all), --resume gives the uninterrupted run's numbers and weights."""
+    from safetensors.torch import load_file
+    models, _, _, _, (killed, again, resumed) = transformer_students
+    name = "distil_tf1-bottom-base_7"
+    assert "resumed from" in again.stdout
+    assert metrics(resumed / name) == metrics(models / name)
+    a, b = load_file(resumed / name / "student.safetensors"), load_file(models / name / "student.safetensors")
+    assert a.keys() == b.keys() and all(torch_equal(a[k], b[k]) for k in a)
+
+
+def torch_equal(a, b):
+    import torch
+    return torch.equal(a, b)
+
+
 def test_predict_and_report_with_a_transformer_student(transformer_students, tmp_path):
     """predict loads the transformer student like any student and gives the dev accuracy its training
     recorded; the report holds the transformer rows and the frontier."""
     from data import load_cola
-    models, plots, _, _ = transformer_students
-    student = models / "distil_tf1-bottom-teacher_7"
+    models, plots, *_ = transformer_students
+    student = models / "distil_tf1-bottom-base_7"
     config = json.loads((student / "run_config.json").read_text())
     sentences, labels = load_cola(COLA_DIR)["dev"]
     (tmp_path / "dev.txt").write_text("\n".join(sentences) + "\n")
@@ -295,28 +316,39 @@ def test_predict_and_report_with_a_transformer_student(transformer_students, tmp
                                                                                          abs=1e-12)
     ok(run("report", 7, "--models-dir", models, "--plots-dir", plots, "--out-dir", tmp_path / "reports"))
     md = (tmp_path / "reports" / "report_7.md").read_text()
-    assert "Speed/accuracy frontier" in md and "KD student tf1-bottom-teacher (distil)" in md
-    assert "distil_tf1-bottom-teacher_7" in md and "frontier_7.png" in md
+    assert "Speed/accuracy frontier" in md and "KD student tf1-bottom-base (distil)" in md
+    assert "distil_tf1-bottom-base_7" in md and "frontier_7.png" in md
 
 
-@pytest.mark.parametrize("mode, flags, message", [
-    ("distil", ["--student", "transformer", "--student-layers", "3"], "the teacher's model"),
-    ("rnn", ["--student", "transformer", "--student-layers", "3"], "has 2 layers"),
-    ("distil", ["--student-layers", "2"], "--student-layers 2 is for --student transformer"),
-    ("distil", ["--kd-hidden", "1"], "--kd-hidden 1.0 matches a transformer student's layers"),
-    ("distil", ["--student", "transformer", "--kd-hidden", "-1"], "--kd-hidden -1.0"),
-    ("distil", ["--student", "transformer", "--init-embeddings-from-teacher"], "--init-embeddings-from-teacher"),
-])
-def test_bad_transformer_student_flags_are_clean_errors(teacher, tmp_path, mode, flags, message):
+@pytest.mark.parametrize("mode", ["distil", "rnn"])
+def test_more_student_layers_than_the_teacher_has_is_a_clean_error(teacher, tmp_path, mode):
     out = run(mode, 7, "--models-dir", tmp_path / "models", "--plots-dir", tmp_path / "plots", "--teacher",
-              teacher / "models" / "LoRA_7", "--data-dir", COLA_DIR, "--limit-train", 16, *flags)
-    assert message in user_error(out)
+              teacher / "models" / "LoRA_7", "--data-dir", COLA_DIR, "--limit-train", 16, "--student", "transformer",
+              "--student-layers", 3)
+    assert "--student-layers 3: the teacher's model" in user_error(out) and "has 2 layers" in out.stderr
+    assert "teacher logits" not in out.stdout  # said before the teacher runs
     assert not list((tmp_path / "models").glob("*_7"))  # no run directory
 
 
-def test_student_layers_zero_and_a_transformer_without_teacher(tmp_path):
-    out = run("rnn", 7, "--student", "transformer", "--student-layers", "0", "--models-dir", tmp_path)
-    assert out.returncode == 2 and "argument --student-layers" in out.stderr and "Traceback" not in out.stderr
+@pytest.mark.parametrize("flags, message", [
+    (["--student-layers", "2"], "--student-layers 2 is for --student transformer"),
+    (["--kd-hidden", "1"], "--kd-hidden 1.0 matches a transformer student's layers"),
+    (["--student", "transformer", "--kd-hidden", "-1"], "--kd-hidden -1.0"),
+    (["--student", "transformer", "--init-embeddings-from-teacher"], "--init-embeddings-from-teacher"),
+])
+def test_bad_transformer_student_flags_are_clean_errors(flags, message, tmp_path, capsys):
+    """Checked before anything loads: in this process (run.main), as the command line runs it."""
+    import run as cli
+    assert cli.main(["distil", "7", "--threads", "1", "--models-dir", str(tmp_path), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.strip().count("\n") == 0
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["rnn", "7", "--student", "transformer", "--student-layers", "0"])
+    assert exit.value.code == 2 and "argument --student-layers" in capsys.readouterr().err
+
+
+def test_a_transformer_student_without_teacher_names_the_command(tmp_path):
     msg = user_error(run("rnn", 7, "--student", "transformer", "--models-dir", tmp_path / "models",
                          "--plots-dir", tmp_path / "plots", "--data-dir", COLA_DIR, "--limit-train", 16))
     assert "python run.py LoRA 7" in msg and "--teacher" in msg

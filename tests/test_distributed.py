@@ -99,6 +99,20 @@ def test_resume_under_two_processes_is_the_uninterrupted_run(quiet_gpt2, tmp_pat
     assert numbers(metrics(tmp_path / "full" / "metrics.jsonl")) == numbers(metrics(tmp_path / "cut" / "metrics.jsonl"))
 
 
+def test_a_transformer_student_under_two_processes(lora_runs, tmp_path):
+    """A transformer student with the hidden-state loss: the same student from two processes as from one."""
+    tmp, _, _ = lora_runs
+    common = [*DATA, "--epochs", 1, "--student", "transformer", "--student-layers", 1, "--kd-hidden", 1, "--lr", 1e-3,
+              "--teacher", tmp / "one", "--plots-dir", tmp_path / "plots"]
+    one, two = together(lambda: run("distil", 3, *common, "--models-dir", tmp_path / "one"),
+                        lambda: torchrun("distil", 3, *common, "--models-dir", tmp_path / "two"))
+    ok(one), ok(two)
+    name = "distil_tf1-bottom-base_3"
+    a, b = tensors(tmp_path / "one" / name / "student.safetensors"), tensors(tmp_path / "two" / name / "student.safetensors")
+    assert max_diff(a, b) <= 1e-5
+    same_metrics(metrics(tmp_path / "one" / name / "metrics.jsonl"), metrics(tmp_path / "two" / name / "metrics.jsonl"))
+
+
 def test_distil_under_two_processes(lora_runs, tmp_path):
     """The teacher-logit cache is computed by both processes (each its share), the KD loss with a transfer
     set (sentences without labels) averages over the whole batch: the same student as one process."""

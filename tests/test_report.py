@@ -43,7 +43,7 @@ def test_report_has_every_section_and_the_run_files_figures(runs):
     proc, md, page = report(*runs)
     assert "report: " in proc.stdout and "missing:" not in proc.stdout and "warning:" not in proc.stdout
     for heading in ("# Report: SR 5", "## Fine-tuning with adapters", "### LoRA_5",
-                    "## Distillation: teacher, KD student and scratch student", "### distil_5", "### distil_6",
+                    "## Distillation: teacher, KD students and scratch students", "### distil_5", "### distil_6",
                     "### rnn_5", "### rnn_6", "## Sweep", "### sweep_5/r2", "### sweep_5/ia3"):
         assert f"\n{heading}\n" in f"\n{md}", heading
     assert "Missing and damaged" not in md
