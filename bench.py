@@ -520,6 +520,11 @@ def bench_kd_pair(args):
     ways = {"teacher": lambda: logits_by_length(teacher, dev, device, 128, None, progress=False),
             # the student in the same batches as the teacher: sorted by length (a transformer student pays for padding)
             "student": lambda: logits_by_length(student, dev, device, 128, None, progress=False, local=True)}
+    if amp is not None:  # the student in the teacher's precision too: like for like
+        import copy
+        cast = copy.deepcopy(student).to(amp)
+        ways["student in the teacher's precision"] = lambda: logits_by_length(cast, dev, device, 128, None,
+                                                                              progress=False, local=True)
     for way in ways.values():
         way()  # warm-up
     speed = {k: len(dev) / statistics.median(t) for k, t in seconds_in_turns(ways, 3).items()}
@@ -530,6 +535,10 @@ def bench_kd_pair(args):
     print(f"| inference, student vs teacher | {speed['student']:.0f} sentences/s | teacher {speed['teacher']:.1f} "
           f"sentences/s | **{speed['student'] / speed['teacher']:.1f}x** faster, "
           f"{size['teacher'] / size['student']:.1f}x smaller | RNN >= 50x; transformer >= 5x, <= 1/4 the parameters |")
+    if amp is not None:
+        v = speed["student in the teacher's precision"]
+        print(f"| inference, student vs teacher, both in bf16 | {v:.0f} sentences/s | teacher {speed['teacher']:.1f} "
+              f"sentences/s | **{v / speed['teacher']:.1f}x** faster | |")
 
 
 def bench_distil(args, ckpt):

@@ -539,8 +539,8 @@ def with_hidden_loss(loss_fn, student, targets, weight):
 
     def loss(logits, batch):
         h = hidden_loss(student.hidden, targets(batch["input_ids"], batch["attention_mask"]), batch["attention_mask"])
-        if "n_total" in batch:  # this process's share of the whole batch (kd_loss and ce_loss average over it)
-            h = h * len(batch["labels"]) / batch["n_total"]
+        # over the sentences of the whole batch (kd_loss and ce_loss do the same: n_total under torchrun)
+        h = h.mean() if "n_total" not in batch else h.sum() / batch["n_total"]
         return loss_fn(logits, batch) + weight * h
     return loss
 

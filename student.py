@@ -197,21 +197,23 @@ class TransformerStudent(nn.Module):
 # --------------------------------------------------------------------------- the hidden-state loss
 
 def hidden_loss(student_hidden, teacher_hidden, attention_mask):
-    """1 - cosine similarity between each student layer's output and the teacher layer it came from, averaged
-    over the real tokens and the layers (DistilBERT's cosine loss, on every student layer as in BERT-PKD).
+    """Per sentence (B,): 1 - cosine similarity between each student layer's output and the teacher layer it came
+    from, averaged over the sentence's real tokens and the layers (DistilBERT's cosine loss, on every student
+    layer as in BERT-PKD). Per sentence, so that the batch's loss is the mean over its sentences, as the other
+    losses are, and a batch shared by torchrun's processes adds up exactly (with_hidden_loss).
     Cosine, not MSE: a decoder's residual stream carries a few dimensions and tokens of enormous norm (the
     'massive activations' of Llama-family models, thousands of times the rest), which an MSE would spend all
     its weight on; the cosine weighs every token alike and leaves each layer free in scale.
-    A hidden state is (B, T, C), padding masked by attention_mask, or (N, C) for the real tokens only (a packed
-    batch of the hand-written GPT-2)."""
-    losses = []
+    A hidden state is (B, T, C), padding masked by attention_mask, or (N, C) for the real tokens only, in order (a
+    packed batch of the hand-written GPT-2)."""
+    real = attention_mask.bool()
+    per_layer = []
     for s, t in zip(student_hidden, teacher_hidden):
         cos = F.cosine_similarity(s.float(), t.float(), dim=-1)
-        if cos.dim() == 2:
-            real = attention_mask.bool()
-            cos = cos[real]
-        losses.append((1 - cos).mean())
-    return torch.stack(losses).mean()
+        if cos.dim() == 1:  # packed: back to (B, T), the real tokens in their places
+            cos = cos.new_zeros(real.shape).masked_scatter(real, cos)
+        per_layer.append(((1 - cos) * real).sum(1) / real.sum(1))
+    return torch.stack(per_layer).mean(0)
 
 
 class HiddenTargets:
