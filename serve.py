@@ -64,7 +64,7 @@ class ClassifyResponse(BaseModel):
 class AdapterInfo(BaseModel):
     name: str
     kind: str = Field(description="adapter (runs on the shared base model) or student (runs on its own)")
-    method: str = Field(description="LoRA, IA3, or the student's recurrent cell")
+    method: str = Field(description="LoRA, IA3, or the student's kind (its recurrent cell, or its transformer layers)")
     rank: int | None = None
     task: str | None = None
     labels: list[str]
@@ -149,8 +149,11 @@ class Service:
             clf.eval()
             params = sum(p.numel() for p in clf.parameters())
             cfg = extras.get("student", {})
-            labels = extras.get("labels") or [f"LABEL_{i}" for i in range(clf.score.out_features)]
-            info = AdapterInfo(name=name, kind="student", method=f"DistilRNN ({cfg.get('rnn_type', 'rnn')})",
+            labels = extras.get("labels") or [f"LABEL_{i}" for i in range(cfg.get("num_labels", 2))]
+            n = len(cfg.get("layers", []))
+            method = (f"transformer ({n} layer{'' if n == 1 else 's'} of {cfg.get('family')})"
+                      if cfg.get("kind") == "transformer" else f"DistilRNN ({cfg.get('rnn_type', 'rnn')})")
+            info = AdapterInfo(name=name, kind="student", method=method,
                                task=extras.get("task"), labels=labels, base=None, parameters=params,
                                size=sum(p.numel() * p.element_size() for p in clf.parameters()))
             entry = Loaded(info, max_length, clf, tok, getattr(tok, "cls_token", None) is not None)

@@ -265,6 +265,7 @@ def test_load_and_unload_at_runtime(server, adapters, tiny_dir):
     listed = {x["name"]: x for x in call(server + "/adapters")[1]["adapters"]}
     assert set(listed) == {"a", "b", "c", "three", "s", "t", "again"}
     assert listed["b"]["method"] == "IA3" and listed["s"]["kind"] == "student" and listed["three"]["labels"] == THREE
+    assert listed["t"]["kind"] == "student" and listed["t"]["method"] == "transformer (1 layer of gpt2)"
     got = call(server + "/classify", "POST", {"inputs": [text, {**text, "adapter": "again"}]})[1]["outputs"]
     assert abs(got[1]["probability"] - want["probability"]) <= 1e-6 and got[0]["label"] == got[1]["label"]
     # Replaced by another adapter under the same name, then unloaded.
