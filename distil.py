@@ -18,7 +18,7 @@ from data import IGNORE, Examples, augment, encode_task, lm_prompts, lm_sentence
 from generate import sample_seed
 from machine import autocast_dtype, broadcast_object, environment, is_main, pick_device, seed_everything
 from model import GPT, DistilRNN, RNNConfig, adapter_modules, merge_adapters, pca_embeddings, sample_next
-from report import comparison_rows, first_pair, kind_label, run_name
+from report import architecture, comparison_rows, first_pair, kind_label, run_name
 from student import HiddenTargets, TransformerStudent, hidden_loss, layer_list, pick_layers, unload_adapters
 from train_utils import (classification_metrics, kd_loss, local_logits, predict_logits, print_config,
                          train_run, write_comparison, write_frontier)
@@ -180,6 +180,8 @@ def train_students(args):
     teacher_info = teacher_targets(teacher, task, cache_dir) if distil else None
     make = make or rnn_maker(args, tok, task, teacher, distil)
     hidden = make.hidden_targets if distil and args.kd_hidden else None
+    if hidden is not None:
+        hidden.net.to(device)
     extras = {"mode": args.mode, "seed_group": seeds, "tokenizer": str(tok_name), "tokenizer_gguf": tok_gguf,
               "tokenizer_fingerprint": tokenizer_fingerprint(tok), "labels": task.labels, "task": task.name,
               "max_length": args.max_length, "eval_split": args.eval_split, "majority_acc": task.majority,
@@ -508,7 +510,8 @@ def train_student(args, seed, make, hidden, train_set, task, teacher, extras, de
                     "max_length": args.max_length, "eval_split": args.eval_split,
                     "teacher": teacher.id if teacher else None, "n_examples": len(train_set),
                     "kd": [args.alpha, args.temperature, args.augment, args.init_embeddings_from_teacher,
-                           args.kd_loss, args.transfer_lm, args.shared_transfer, args.kd_hidden] if distil else None}
+                           args.kd_loss, args.transfer_lm, args.shared_transfer]
+                    + ([args.kd_hidden] if args.kd_hidden else []) if distil else None}  # (an older run's last.pt resumes)
     title = (f"{args.mode} SR={seed}: {kind}, lr={args.lr:g}, batch={args.batch_size}"
              + (f", {args.kd_loss}, alpha={args.alpha:g}, T={args.temperature:g}, augment={args.augment}, "
                 f"transfer-lm={args.transfer_lm}" + (f", hidden={args.kd_hidden:g}" if args.kd_hidden else "")
@@ -539,6 +542,7 @@ def with_hidden_loss(loss_fn, student, targets, weight):
 
     def loss(logits, batch):
         h = hidden_loss(student.hidden, targets(batch["input_ids"], batch["attention_mask"]), batch["attention_mask"])
+        student.hidden = []  # held by the graph until backward, not by the student beyond it
         # over the sentences of the whole batch (kd_loss and ce_loss do the same: n_total under torchrun)
         h = h.mean() if "n_total" not in batch else h.sum() / batch["n_total"]
         return loss_fn(logits, batch) + weight * h
@@ -576,8 +580,6 @@ def write_compare(args, models_dir):
     frontier = write_frontier(Path(args.plots_dir) / f"frontier_{args.SR}.png", rows,
                               f"{title}: dev MCC against inference speed, every student found in {models_dir}")
 
-    def architecture(run):  # a vocabulary cut to the data has as many rows as that data has tokens
-        return {k: v for k, v in run["student"].items() if k != "rows"} | {"data_vocab": bool(run["student"].get("rows"))}
     for tag, p in runs.items():
         if None not in p.values() and architecture(p["distil"][0]) != architecture(p["rnn"][0]):
             print(f"warning: the two students{kind_label(tag)} differ in architecture; the comparison is not like for like")

@@ -167,7 +167,8 @@ class TransformerStudent(nn.Module):
                                    if hasattr(net, "score") else net.config.num_labels, layers=list(layers),
                                    teacher_layers=n_teacher, init=init, source=source, vocab_size=full.shape[0],
                                    rows=0 if kept is None else len(kept) + 1)
-        return cls(net.float().train(), config)
+        # everything trains (a teacher's base layers come frozen from its adapter: attach_adapter froze them)
+        return cls(net.float().train().requires_grad_(True), config)
 
     @classmethod
     def from_config(cls, config):

@@ -143,6 +143,7 @@ def test_a_student_is_its_model_cut_to_its_layers(gpt2_4, llama_4, family, init,
             ours_h, theirs = ours_h[real], theirs[real]
         torch.testing.assert_close(ours_h, theirs, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
+    assert all(p.requires_grad for p in student.parameters())  # everything trains (the teacher's base came frozen)
     # the copy shares nothing with the model it came from
     assert all(p.data_ptr() != q.data_ptr() for p in student.parameters() for q in net.parameters())
     assert len(layer_list(net)) == N_LAYERS
