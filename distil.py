@@ -536,7 +536,7 @@ def student_tag(args):
 
 
 def with_hidden_loss(loss_fn, student, targets, weight):
-    """loss_fn plus weight * the hidden-state loss (student.hidden_loss) of the student's layers against the
+    """loss_fn plus weight * the hidden-state loss (student.py's hidden_loss) of the student's layers against the
     teacher's, which targets(input_ids, attention_mask) computes for the batch."""
     student.record_hidden = True
 

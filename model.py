@@ -545,11 +545,12 @@ def merge_adapters(model, merge=True):
         m.merge() if merge else m.unmerge()
 
 
-def remove_adapters(model):
-    """Undo inject_adapters: put each adapter's (unmerged) base layer back in its place."""
+def remove_adapters(model, merge=False):
+    """Undo inject_adapters: put each adapter's base layer back in its place, unmerged (the base model again),
+    or with merge=True with the adapter folded in (peft's merge_and_unload: one plain model, no adapter left)."""
     for name, m in list(model.named_modules()):
         if isinstance(m, ADAPTERS):
-            m.unmerge()
+            m.merge() if merge else m.unmerge()
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name), child, m.base)
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import ADAPTERS, GPTClassifier, GPTConfig
+from model import GPTClassifier, GPTConfig, remove_adapters
 
 
 @dataclass
@@ -71,18 +71,15 @@ class KeptEmbedding(nn.Module):
 
 
 def unload_adapters(model):
-    """Fold every adapter into its base layer (merge) and put that plain layer back in its place: the teacher
-    as one model of its own architecture, no adapter left (peft's merge_and_unload)."""
-    for name, m in list(model.named_modules()):
-        if isinstance(m, ADAPTERS):
-            m.merge()
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, m.base)
+    """The teacher as one model of its own architecture: every adapter folded into its base layer, which
+    takes its place (model.remove_adapters with merge)."""
+    remove_adapters(model, merge=True)
     return model
 
 
 def layer_list(net):
-    """(the nn.ModuleList of the model's layers, its owner's config attribute holding their number)."""
+    """The nn.ModuleList of the model's layers (for a transformers model: the one list of
+    config.num_hidden_layers modules)."""
     if isinstance(net, GPTClassifier):
         return net.transformer.h
     n = net.config.num_hidden_layers
@@ -114,6 +111,11 @@ def keep_layers(net, layers):
     return net
 
 
+def layer_output(output):
+    """A layer's hidden states from what its forward returned (some transformers layers return a tuple)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
 def input_embedding(net):
     return net.transformer.wte if isinstance(net, GPTClassifier) else net.hf.get_input_embeddings()
 
@@ -143,7 +145,7 @@ class TransformerStudent(nn.Module):
 
     def _keep(self, module, inputs, output):
         if self.record_hidden:
-            self.hidden.append(output[0] if isinstance(output, tuple) else output)
+            self.hidden.append(layer_output(output))
 
     def forward(self, idx, attention_mask=None):
         self.hidden = []
@@ -228,7 +230,7 @@ class HiddenTargets:
         self.layers, self.out = list(layers), []
         blocks = layer_list(self.net)
         for i in self.layers:
-            blocks[i].register_forward_hook(lambda m, inp, out: self.out.append(out[0] if isinstance(out, tuple) else out))
+            blocks[i].register_forward_hook(lambda m, inp, out: self.out.append(layer_output(out)))
 
     @torch.no_grad()
     def __call__(self, input_ids, attention_mask):

@@ -468,6 +468,15 @@ def write_plots(history, prefix, title, baseline_acc=None):
     return paths
 
 
+def sample_std(values):
+    """The sample standard deviation of the values given (None left out); 0 for fewer than two."""
+    values = [v for v in values if v is not None]
+    if len(values) < 2:
+        return 0.0
+    m = sum(values) / len(values)
+    return math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+
+
 def mean_std(values, fmt="{:.4f}"):
     """'m' for one value, 'm ± s' (sample std) for several, 'n/a' for none."""
     values = [v for v in values if v is not None]
@@ -476,8 +485,7 @@ def mean_std(values, fmt="{:.4f}"):
     m = sum(values) / len(values)
     if len(values) == 1:
         return fmt.format(m)
-    s = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
-    return f"{fmt.format(m)} ± {fmt.format(s)}"
+    return f"{fmt.format(m)} ± {fmt.format(sample_std(values))}"
 
 
 def markdown_table(columns, cells):
@@ -532,8 +540,7 @@ def write_frontier(path, rows, title):
         speed, mcc = mean(r["sentences_per_s"]), mean(r["mcc"])
         if speed is None or mcc is None:
             continue
-        values = [v for v in r["mcc"] if v is not None]
-        std = (sum((v - mcc) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0
+        std = sample_std(r["mcc"])
         marker = "*" if r.get("teacher") else ("o" if r.get("mode") == "distil" else "s")
         ax.errorbar(speed, mcc, yerr=std, fmt=marker, markersize=6 + 14 * (r["params"] / biggest) ** 0.5,
                     capsize=3, label=r["name"], alpha=0.8)
