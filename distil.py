@@ -16,7 +16,7 @@ import torch
 from backbones import load_any_tokenizer, load_classifier, load_language_model, weight_files
 from data import IGNORE, Examples, augment, encode_task, lm_prompts, lm_sentence, task_data
 from generate import sample_seed
-from machine import autocast_dtype, broadcast_object, environment, is_main, pick_device, seed_everything
+from machine import autocast_dtype, broadcast_object, cpu_has_bf16, environment, is_main, pick_device, seed_everything
 from model import GPT, DistilRNN, RNNConfig, adapter_modules, merge_adapters, pca_embeddings, sample_next
 from report import architecture, comparison_rows, first_pair, kind_label, run_name
 from student import HiddenTargets, TransformerStudent, hidden_loss, layer_list, pick_layers, unload_adapters
@@ -450,29 +450,14 @@ def hf_decode(lm, ids, max_new_tokens, generator, sampling):
 
 
 def teacher_precision(args, device, amp):
-    """The teacher's autocast dtype: --teacher-precision, where auto is bf16 when this device computes it
-    faster than fp32 (measured now on the CPU, machine.cpu_matmul_seconds), else the run's --precision."""
+    """The teacher's autocast dtype: --teacher-precision, where auto is bf16 on CUDA and on a CPU with bf16
+    matrix instructions (machine.cpu_has_bf16: read from the CPU's feature flags, never timed, so that the
+    same command always gives the same logits), else the run's --precision. Under torchrun rank 0 decides."""
     choice = getattr(args, "teacher_precision", "auto")
     if choice != "auto":
         return autocast_dtype(choice, device)
-    if device.type == "cuda":
-        return torch.bfloat16
-    if device.type == "cpu" and linear_seconds(torch.bfloat16) < 0.7 * linear_seconds(torch.float32):
-        return torch.bfloat16
-    return amp
-
-
-def linear_seconds(dtype, tokens=1024, width=576, out=1536):
-    """The fastest of five runs of one linear layer of a small teacher's size (a batch of 1024 tokens through
-    SmolLM2's 576 -> 1536), in dtype on the CPU: where the CPU has bf16 matrix units (AMX, AVX512-BF16) it
-    runs several times faster than fp32; elsewhere slower."""
-    x, w = torch.randn(tokens, width, dtype=dtype), torch.randn(out, width, dtype=dtype)
-    times = []
-    for _ in range(6):
-        t0 = time.perf_counter()
-        torch.nn.functional.linear(x, w)
-        times.append(time.perf_counter() - t0)
-    return min(times[1:])
+    bf16 = device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16())
+    return broadcast_object(torch.bfloat16 if bf16 else amp)
 
 
 def train_student(args, seed, make, hidden, train_set, task, teacher, extras, device, amp):

@@ -80,6 +80,25 @@ def cpu_matmul_seconds(dtype, rows=256, width=768):
     return min(times[1:])  # the first run allocates
 
 
+def cpu_has_bf16():
+    """Whether this CPU has bf16 matrix instructions (x86: AVX512-BF16 or AMX; ARM: the BF16 extension),
+    read from its feature flags (/proc/cpuinfo on Linux, sysctl on macOS; False where neither says). There
+    a bf16 product runs about twice as fast as fp32 (measured on an AVX512-BF16 EPYC: 4.3 ms against 9.6 ms
+    for 1024 x 576 -> 1536); without them it is emulated and slower. Flags, not a timing: a choice that
+    changes the numbers must not depend on how busy the machine is."""
+    import platform
+    import subprocess
+    try:
+        if platform.system() == "Darwin":
+            out = subprocess.run(["sysctl", "-n", "hw.optional.arm.FEAT_BF16"], capture_output=True, text=True)
+            return out.stdout.strip() == "1"
+        with open("/proc/cpuinfo") as f:
+            flags = {w for line in f if line.lower().startswith(("flags", "features")) for w in line.split()}
+        return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+    except OSError:
+        return False
+
+
 def environment(device, amp):
     """What a run ran on, for its run_config.json and the report: versions, device, precision, threads."""
     import platform

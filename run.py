@@ -122,8 +122,8 @@ def add_student(p, distil):
         p.add_argument("--shared-transfer", action="store_true", help="one transfer set (seeded by SR) for every "
                        "seed of --seeds, so the teacher labels it once")
         p.add_argument("--teacher-precision", default="auto", choices=["auto", "fp32", "bf16"],
-                       help="the teacher's inference precision; auto = bf16 where this device computes it "
-                       "faster than fp32 (measured), else --precision")
+                       help="the teacher's inference precision; auto = bf16 on CUDA and on CPUs with bf16 "
+                       "instructions (AVX512-BF16, AMX, ARM BF16: from the CPU's flags), else --precision")
         p.add_argument("--teacher-batch-size", type=positive(int), default=128,
                        help="sentences per teacher batch (sorted by length, so little padding)")
         p.add_argument("--lm-batch-size", type=positive(int), default=128, help="prompts per batch of --transfer-lm")

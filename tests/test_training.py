@@ -196,6 +196,20 @@ def test_a_half_precision_the_cpu_computes_slowly_is_refused(monkeypatch):
     assert machine.autocast_dtype("bf16", CPU) is torch.bfloat16
 
 
+def test_the_teachers_auto_precision_follows_the_cpus_flags_not_a_timing(monkeypatch):
+    """--teacher-precision auto: bf16 exactly where the CPU has bf16 instructions, whatever a timing would say
+    (a timed choice made two runs of one command differ on a busy machine)."""
+    import distil
+    import machine
+    from types import SimpleNamespace
+    monkeypatch.setattr(machine, "cpu_matmul_seconds", lambda dtype: 1 / 0)  # never consulted
+    auto = SimpleNamespace(teacher_precision="auto")
+    for has, want in ((True, torch.bfloat16), (False, None)):
+        monkeypatch.setattr(distil, "cpu_has_bf16", lambda: has)
+        assert distil.teacher_precision(auto, CPU, None) is want
+    assert distil.teacher_precision(SimpleNamespace(teacher_precision="fp32"), CPU, None) is None
+
+
 def test_bf16_training_on_the_cpu_agrees_with_fp32(tiny_dir, tmp_path):
     """Where this CPU computes bf16 fast (else the CLI refuses it, and so does this test): the same run in
     bf16 autocast learns what the fp32 run learns, to within a few dev sentences."""
