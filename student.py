@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model import GPTClassifier, GPTConfig, remove_adapters
+from utils import UserError
 
 
 @dataclass
@@ -85,8 +86,10 @@ def layer_list(net):
     n = net.config.num_hidden_layers
     lists = [m for m in net.modules() if isinstance(m, nn.ModuleList) and len(m) == n]
     if len(lists) != 1:
-        raise ValueError(f"cannot tell the layers of this {net.config.model_type} model apart ({len(lists)} lists of "
-                         f"{n} modules)")
+        raise UserError(f"--student transformer: cannot tell the layers of this {net.config.model_type} model apart "
+                        f"({len(lists)} lists of its {n} layers, one expected): a transformer student is cut from a "
+                        f"model whose layers form one list (GPT-2, Llama, BERT, ...). Use --student rnn, or a teacher "
+                        f"of such a family.")
     return lists[0]
 
 

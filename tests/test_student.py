@@ -204,3 +204,19 @@ def test_hidden_targets_are_the_teachers_layers(gpt2_4, llama_4, family):
         student(ids, mask)
     assert hidden_loss(student.hidden, HiddenTargets(teacher, [0, 1])(ids, mask), mask).max().item() < 1e-6
     assert isinstance(teacher, GPTClassifier) == (family == "gpt2")
+
+
+def test_a_model_whose_layers_are_not_one_list_is_a_clear_error():
+    """A family with no one list of its layers (two lists of num_hidden_layers, as an encoder-decoder has)
+    gets a UserError that says what to do, not a traceback."""
+    from types import SimpleNamespace
+    from student import layer_list
+    from utils import UserError
+    net = torch.nn.Module()
+    net.config = SimpleNamespace(num_hidden_layers=2, model_type="odd")
+    net.encoder = torch.nn.ModuleList([torch.nn.Linear(2, 2) for _ in range(2)])
+    net.decoder = torch.nn.ModuleList([torch.nn.Linear(2, 2) for _ in range(2)])
+    with pytest.raises(UserError, match=r"cannot tell the layers of this odd model apart \(2 lists.*--student rnn"):
+        layer_list(net)
+    del net.decoder
+    assert layer_list(net) is net.encoder
