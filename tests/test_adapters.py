@@ -182,8 +182,8 @@ def test_dora_dropout_reaches_the_magnitude_term_as_in_peft():
 
 
 def test_dora_gradients_equal_pefts():
-    """The weight norm is a constant for the gradient (detached), as in peft: the gradients of A, B and m equal
-    peft's on the same layer and the same values."""
+    """The weight norm is a constant for the gradient (detached), as in peft: the outputs and the gradients of A, B
+    and m equal peft's on the same layer (with a bias) and the same values."""
     from peft import LoraConfig, get_peft_model
     dora = perturbed_dora(seed=3).train()
     net = nn.Sequential()
@@ -196,8 +196,11 @@ def test_dora_gradients_equal_pefts():
         layer.lora_magnitude_vector["default"].weight.copy_(dora.lora_magnitude_vector)
     x = torch.randn(9, 32)
     target = torch.randn(9, 48)
-    ((dora(x) - target) ** 2).sum().backward()
-    ((theirs(x) - target) ** 2).sum().backward()
+    mine_out, peft_out = dora(x), theirs(x)
+    assert dora.base.bias.abs().max() > 0.05  # a bias that DoRA must leave unscaled
+    torch.testing.assert_close(mine_out, peft_out, rtol=1e-5, atol=1e-5)
+    ((mine_out - target) ** 2).sum().backward()
+    ((peft_out - target) ** 2).sum().backward()
     # Gradients ~10-100 from sums over 9 rows and 48 outputs: float32 in two orders, ~1e-5 relative.
     for mine, peft_param in ((dora.lora_A, layer.lora_A["default"].weight), (dora.lora_B, layer.lora_B["default"].weight),
                              (dora.lora_magnitude_vector, layer.lora_magnitude_vector["default"].weight)):

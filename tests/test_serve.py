@@ -194,11 +194,21 @@ def test_a_dora_adapter_mixed_with_lora_and_ia3_equals_each_alone(tiny_dir, adap
     from model import GPTClassifier
     from multi_adapter import Routing, add_adapter, routed
     from utils import attach_adapter, load_gpt, load_tokenizer, read_adapter
+    from safetensors.torch import load_file, save_file
+    from conftest import copy_checkpoint
     root, made = adapters
+    # transformers' GPT-2 starts its biases at zero, where a scaled bias would not show: a copy with random ones.
+    base = copy_checkpoint(tiny_dir, root.parent / "biased-base", with_tokenizer=True)
+    weights = load_file(base / "model.safetensors")
+    g = torch.Generator().manual_seed(0)
+    save_file({k: t + 0.3 * torch.randn(t.shape, generator=g) if k.endswith(("attn.bias", "proj.bias", "fc.bias"))
+               else t for k, t in weights.items()}, base / "model.safetensors")
+    tiny_dir = base
     d = make_adapter(tiny_dir, root.parent / "dora-d", "dora", GPT2_LORA, seed=7)
-    dirs = {"d": d, "a": made["a"], "b": made["b"]}
+    dirs = {"d": d, "a": made["a"], "b": made["b"]}  # a and b: trained on the other base, of the same shapes
     tok = load_tokenizer(tiny_dir)
     model = load_gpt(tiny_dir, cls=GPTClassifier, num_labels=2).eval()
+    assert model.transformer.h[0].attn.c_attn.bias.abs().max() > 0.1
     for name, path in dirs.items():
         add_adapter(model, name, *read_adapter(path)[:2])
     rows = [("d", SENTENCES[0]), ("d", SENTENCES[1]), ("a", SENTENCES[2]), ("b", SENTENCES[3]), ("b", SENTENCES[4]),
