@@ -227,21 +227,22 @@ def cola_batches(args):
     return batches
 
 
-def build_ours(ckpt):
+def build_ours(ckpt, kind="lora"):
     from model import GPTClassifier, inject_adapters, mark_trainable
     from utils import load_gpt
     model = load_gpt(str(ckpt), cls=GPTClassifier, num_labels=2)
-    inject_adapters(model, "lora", LORA_TARGETS, r=4, alpha=4.0, dropout=0.1)
+    inject_adapters(model, kind, LORA_TARGETS, r=4, alpha=4.0, dropout=0.1)
     mark_trainable(model)  # adapters, layer norms and the head
     return model
 
 
-def build_peft(ckpt):
+def build_peft(ckpt, kind="lora"):
     from peft import LoraConfig, get_peft_model
     from transformers import GPT2ForSequenceClassification
     model = GPT2ForSequenceClassification.from_pretrained(ckpt, num_labels=2, pad_token_id=50256)
     config = LoraConfig(r=4, lora_alpha=4, lora_dropout=0.1, target_modules=LORA_TARGETS, fan_in_fan_out=True,
-                        modules_to_save=["score", "ln_1", "ln_2", "ln_f"], task_type="SEQ_CLS")
+                        modules_to_save=["score", "ln_1", "ln_2", "ln_f"], task_type="SEQ_CLS",
+                        use_dora=kind == "dora")
     return get_peft_model(model, config)
 
 
@@ -266,11 +267,13 @@ def matmul_seconds(a, b):
 
 def lora_worker(side, args, ckpt):
     """One side's training figures (and, for ours, the machine's matmul peak measured between the steps,
-    and evaluation merged vs unmerged) as one JSON line on stdout."""
+    and evaluation merged vs unmerged) as one JSON line on stdout. Sides ours-dora and peft-dora: DoRA's
+    training alone."""
     import torch.nn.functional as F
     torch.manual_seed(0)
     batches = cola_batches(args)
-    model = build_ours(ckpt) if side == "ours" else build_peft(ckpt)
+    side, _, kind = side.partition("-")
+    model = build_ours(ckpt, kind or "lora") if side == "ours" else build_peft(ckpt, kind or "lora")
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
 
@@ -295,7 +298,7 @@ def lora_worker(side, args, ckpt):
     step_s, matmul_s, no_dropout_s = [], [], []
     for batch in work:
         step_s.append(timed(lambda: step(batch)))
-        if side == "ours":
+        if side == "ours" and not kind:
             # The machine's peak, measured in the same spells of the machine as the steps; and, as a
             # diagnostic of what dropout's random numbers cost, the same step with every dropout off.
             matmul_s.append(matmul_seconds(a, b))
@@ -306,7 +309,7 @@ def lora_worker(side, args, ckpt):
               "padded_tokens": sum(b["input_ids"].numel() for b in work),
               "attention_scores": sum(b["input_ids"].shape[0] * b["input_ids"].shape[1] ** 2 for b in work),
               "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # KB on Linux
-    if side == "ours":
+    if side == "ours" and not kind:
         from model import merge_adapters
         result["matmul_flops"] = 2 * n ** 3 / statistics.median(matmul_s)
         result["train_no_dropout_s"] = sum(no_dropout_s)
@@ -333,7 +336,7 @@ def lora_worker(side, args, ckpt):
 def bench_lora(args, ckpt):
     from model import GPTConfig
     results = {}
-    for side in ("ours", "peft"):
+    for side in ("ours", "peft", "ours-dora", "peft-dora"):
         cmd = [sys.executable, str(Path(__file__).resolve()), "_lora_worker", side, "--workdir", str(args.workdir),
                "--tokenizer", args.tokenizer, "--data-dir", args.data_dir, "--steps", str(args.steps),
                "--warmup", str(args.warmup), "--batch-size", str(args.batch_size), "--threads", str(args.threads),
@@ -350,6 +353,9 @@ def bench_lora(args, ckpt):
     o_sps, p_sps = n / ours["train_s"], n / peft["train_s"]
     print(f"lora train: ours {o_sps:.1f} sent/s | transformers+peft {p_sps:.1f} sent/s | ratio "
           f"{o_sps / p_sps:.2f}x (target >= 1.5x)")
+    o_sps, p_sps = n / results["ours-dora"]["train_s"], n / results["peft-dora"]["train_s"]
+    print(f"lora train DoRA (the same steps, use_dora): ours {o_sps:.1f} sent/s | transformers+peft {p_sps:.1f} "
+          f"sent/s | ratio {o_sps / p_sps:.2f}x (target >= 1.5x)")
 
     # Model FLOPs, the usual estimate: a weight matrix with N entries costs 2N FLOPs per token forward and
     # 2N for the gradient of its input backward; the other 2N of the usual 6N, the weight gradient, is not
@@ -1023,7 +1029,7 @@ def main():
     p.add_argument("what", choices=["gen", "lora", "precision", "distil", "backbone", "threads", "serve", "all",
                                          "_lora_worker", "_serve_memory"],
                    help="what to benchmark")
-    p.add_argument("side", nargs="?", choices=["ours", "peft"], help=argparse.SUPPRESS)
+    p.add_argument("side", nargs="?", choices=["ours", "peft", "ours-dora", "peft-dora"], help=argparse.SUPPRESS)
     p.add_argument("--workdir", help="where the random-weight checkpoint is written, and reused next time; "
                    "None: a temporary directory, removed afterwards")
     p.add_argument("--tokenizer", default=str(ROOT.parent / "shared/data/gpt2-tokenizer"),

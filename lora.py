@@ -1,5 +1,5 @@
 """Fine-tuning with adapters: the LoRA mode. The task's data, a backbone with a classification head,
-LoRA or IA3 adapters injected into its linear layers, training, and the best adapter saved (in peft's
+LoRA, DoRA or IA3 adapters injected into its linear layers, training, and the best adapter saved (in peft's
 format, so peft loads it too)."""
 import shutil
 from pathlib import Path
@@ -15,7 +15,11 @@ from utils import RunLock, UserError, adapter_settings, atomic_write, check_writ
 def train_lora(args):
     """`run.py LoRA` (and each configuration of a sweep): one adapter trained on one task."""
     if args.peft == "ia3" and (args.rslora or args.lora_alpha is not None):
-        raise UserError("--lora-alpha and --rslora apply to --peft lora only; IA3 has no rank or scaling.")
+        raise UserError("--lora-alpha and --rslora apply to --peft lora and dora only; IA3 has no rank or scaling.")
+    if args.peft != "ia3" and args.feedforward_modules is not None:
+        raise UserError(f"--feedforward-modules applies to --peft ia3 only (the layers whose input IA3 scales); "
+                        f"{dict(lora='LoRA', dora='DoRA')[args.peft]} adapts every --target-modules layer "
+                        f"the same way. Drop --feedforward-modules, or use --peft ia3.")
     seed_everything(args.SR)
     device = pick_device(args.device)
     amp = autocast_dtype(args.precision, device)
@@ -60,7 +64,7 @@ def train_lora(args):
               "plots": str(Path(args.plots_dir) / run_name)}
     name = Path(str(args.model)).name
     title = (f"LoRA SR={args.SR}: {name}, {args.peft} r={args.lora_rank} alpha={alpha:g}, lr={args.lr:g}, "
-             f"batch={args.batch_size}" if args.peft == "lora" else
+             f"batch={args.batch_size}" if args.peft != "ia3" else
              f"IA3 SR={args.SR}: {name}, lr={args.lr:g}, batch={args.batch_size}")
 
     def save_best(model, row):
@@ -81,8 +85,8 @@ def train_lora(args):
 
 def adapter_targets(args, info):
     """(target layers, IA3 feed-forward layers): the flags', else the model family's defaults (GPT-2: all
-    four linears for LoRA)."""
-    defaults = info["lora_targets"] if args.peft == "lora" else info["ia3_targets"]
+    four linears for LoRA and DoRA)."""
+    defaults = info["ia3_targets"] if args.peft == "ia3" else info["lora_targets"]  # DoRA's are LoRA's
     targets = args.target_modules or defaults
     # IA3's feed-forward layers must be among its targets (peft refuses the adapter otherwise).
     feedforward = args.feedforward_modules if args.feedforward_modules is not None else \

@@ -504,7 +504,63 @@ class IA3Linear(nn.Module):
         return f"feedforward={self.feedforward}, merged={self.merged}"
 
 
-ADAPTERS = (LoRALinear, IA3Linear)
+class DoRALinear(LoRALinear):
+    """DoRA (weight-decomposed LoRA, Liu et al. 2024), as peft's use_dora computes it: the adapted weight
+    W + scaling·B·A split into a direction, normalised per output row, and a learned magnitude m per output,
+    y = m / ||W + scaling·B·A|| ⊙ (W x + scaling·B·A x) + bias. m starts at ||W||'s rows (with B = 0 a no-op).
+    The norm is a constant for the gradient (detached: the paper's §4.3, and peft); it is recomputed every
+    forward, since B·A changes while training."""
+
+    def __init__(self, base: nn.Linear, r=4, alpha=4.0, dropout=0.0, rslora=False):
+        super().__init__(base, r=r, alpha=alpha, dropout=dropout, rslora=rslora)
+        # peft's name, so our adapter files carry peft's key (...lora_magnitude_vector).
+        self.lora_magnitude_vector = nn.Parameter(self.weight_norm())
+        self.merged_scale = None  # m / ||W + scaling·B·A|| as merged, to divide out again on unmerging
+
+    @torch.no_grad()
+    def weight_norm(self):
+        """||W + scaling·B·A|| of each output row (out,), in float32, without a gradient."""
+        return torch.linalg.vector_norm(self.base.weight.float() + self.delta_weight().float(), dim=1)
+
+    def scale(self):
+        return self.lora_magnitude_vector / self.weight_norm()
+
+    @torch.no_grad()
+    def merge(self):
+        """W <- m / ||W + scaling·B·A|| ⊙ (W + scaling·B·A): the bias stays as it is."""
+        if not self.merged:
+            s = self.scale()
+            w = self.base.weight
+            w.copy_((s[:, None] * (w.float() + self.delta_weight().float())).to(w.dtype))
+            self.merged_scale, self.merged = s, True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if self.merged:  # exact up to rounding while no entry of m is zero
+            w = self.base.weight
+            w.copy_((w.float() / self.merged_scale[:, None] - self.delta_weight().float()).to(w.dtype))
+            self.merged_scale, self.merged = None, False
+
+    def forward(self, x):
+        y = self.base(x)
+        if self.merged:
+            return y
+        s = self.scale()
+        if self.training and self.dropout.p > 0:
+            # peft's choice: with dropout, the magnitude's term W x sees the dropped-out input as B·A does.
+            x = self.dropout(x)
+            wx = F.linear(x, self.base.weight)
+        else:
+            wx = y if self.base.bias is None else y - self.base.bias
+        delta = F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
+        return y + (s - 1) * wx + s * delta
+
+    def extra_repr(self):
+        return super().extra_repr() + ", dora=True"
+
+
+ADAPTERS = (LoRALinear, IA3Linear)  # DoRALinear is a LoRALinear
+LORA_KINDS = {"lora": LoRALinear, "dora": DoRALinear}  # the kinds with a rank and a scaling (IA3 has neither)
 GPT2_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
 
@@ -516,7 +572,7 @@ def inject_adapters(model, kind="lora", target_modules=GPT2_TARGETS, feedforward
                     r=4, alpha=4.0, dropout=0.0, rslora=False):
     """Replace every nn.Linear whose qualified name ends with one of target_modules by an adapter
     around it. Works on any nn.Module tree (ours, or a transformers model). Returns the names."""
-    assert kind in ("lora", "ia3"), f"unknown adapter kind {kind!r}"
+    assert kind in ("lora", "dora", "ia3"), f"unknown adapter kind {kind!r}"
     names = [n for n, m in model.named_modules()
              if isinstance(m, nn.Linear) and not isinstance(m, ADAPTERS) and matches(n, target_modules)]
     if not names:
@@ -527,8 +583,8 @@ def inject_adapters(model, kind="lora", target_modules=GPT2_TARGETS, feedforward
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         base = getattr(parent, child)
-        if kind == "lora":
-            adapter = LoRALinear(base, r=r, alpha=alpha, dropout=dropout, rslora=rslora)
+        if kind in LORA_KINDS:
+            adapter = LORA_KINDS[kind](base, r=r, alpha=alpha, dropout=dropout, rslora=rslora)
         else:
             adapter = IA3Linear(base, feedforward=matches(name, feedforward_modules))
         adapter.train(base.training)  # a model in eval mode stays so: no LoRA dropout at inference

@@ -4,7 +4,7 @@ of a batch runs with its own adapter, none merged.
 The rows come sorted by adapter, so each adapter's rows are one contiguous span: of the batch's rows (hidden
 states (B, T, C), a pooled (B, C)) or of its packed real tokens ((N, C): GPTClassifier takes the padding out).
 base(x) runs once over all rows; only the low-rank term, the IA3 scaling, a trained layer norm and the head
-run per span, with the operations of one adapter alone (LoRALinear, IA3Linear): equal to float rounding.
+run per span, with the operations of one adapter alone (LoRALinear, DoRALinear, IA3Linear): equal to float rounding.
 """
 import copy
 import math
@@ -53,14 +53,17 @@ class Routing:
 
 
 class MultiAdapterLinear(nn.Module):
-    """A frozen linear layer with several named adapters beside it (LoRA of any rank, IA3), none merged:
+    """A frozen linear layer with several named adapters beside it (LoRA of any rank, DoRA, IA3), none merged:
     base(x) once for every row, then every row gets its own adapter's term. Without a routing (or for an
     adapter that does not adapt this layer) it is the base layer.
 
     The terms are gathered, not looped over: a batch's LoRA adapters stacked, A as (sum of ranks, in) and B
     as (out, sum of ranks), so that x @ A^T holds every row's product with every adapter's A; a mask keeps
     each row's own columns (times its scaling) and zeroes the others, exactly, so one more product adds each
-    row's own B A x. IA3 vectors are gathered per row (ones for the rows of other adapters: exact). A few
+    row's own B A x. IA3 vectors are gathered per row (ones for the rows of other adapters: exact). DoRA is a
+    LoRA whose output rows are scaled by s = m / ||W + scaling·B·A|| (a constant at inference): y = s ⊙ (W x +
+    scaling·B·A x) + bias, kept as LoRA with s folded into B and a gathered s - 1 on the base's output without its
+    bias, y + (s - 1) ⊙ (y - bias) (zeros for the rows of other adapters: exact). A few
     operations per layer however many adapters share the batch; the extra products (the other adapters'
     ranks) cost sum(r) / out of the base layer's (8 adapters of r=4 on GPT-2's c_attn: 1.4%)."""
 
@@ -69,6 +72,7 @@ class MultiAdapterLinear(nn.Module):
         self.base = base
         self.lora = {}     # name -> (A (r, in), B (out, r), scaling)
         self.ia3 = {}      # name -> (vector, feedforward)
+        self.dora = {}     # name -> s - 1 (out,), s = m / ||W + scaling·B·A||; its LoRA term (B scaled by s) in lora
         self.routing = None
         self._stacked = (None, None)  # (the names of a batch, what they stack to): reused while they recur
 
@@ -76,6 +80,15 @@ class MultiAdapterLinear(nn.Module):
         assert A.shape[1] == self.base.in_features and B.shape == (self.base.out_features, A.shape[0])
         self.lora[name] = (A, B, scaling)
         self._stacked = (None, None)
+
+    @torch.no_grad()
+    def add_dora(self, name, A, B, scaling, magnitude):
+        """DoRA as DoRALinear computes it, with its per-output scale s computed here once."""
+        assert magnitude.shape == (self.base.out_features,)
+        w = self.base.weight
+        s = magnitude.float() / torch.linalg.vector_norm(w.float() + scaling * (B.float() @ A.float()), dim=1)
+        self.add_lora(name, A, (s[:, None] * B.float()).to(B.dtype), scaling)
+        self.dora[name] = (s - 1).to(w.dtype)
 
     def add_ia3(self, name, vector, feedforward):
         assert vector.shape == ((self.base.in_features if feedforward else self.base.out_features),)
@@ -85,12 +98,14 @@ class MultiAdapterLinear(nn.Module):
     def remove(self, name):
         self.lora.pop(name, None)
         self.ia3.pop(name, None)
+        self.dora.pop(name, None)
         self._stacked = (None, None)
 
     def stacked(self, names):
         """For a batch's adapters (in span order): (A (R, in), B (out, R), the span position of each of the R
         columns, their scalings, a key of these two) of its LoRA adapters, or None; the IA3 vectors per span
-        position for the input and for the output (ones where a span's adapter has none), or None."""
+        position for the input and for the output (ones where a span's adapter has none), or None; DoRA's s - 1
+        per span position (zeros where a span's adapter is no DoRA), or None."""
         if self._stacked[0] == names:
             return self._stacked[1]
         w = self.base.weight
@@ -108,18 +123,24 @@ class MultiAdapterLinear(nn.Module):
                 ones = w.new_ones(self.base.in_features if ff else self.base.out_features)
                 ia3[ff] = torch.stack([self.ia3[n][0] if n in self.ia3 and self.ia3[n][1] == ff else ones
                                        for n in names])
-        self._stacked = (names, (lora or None, ia3.get(True), ia3.get(False)))
+        dora = None
+        if any(n in self.dora for n in names):
+            zeros = w.new_zeros(self.base.out_features)
+            dora = torch.stack([self.dora.get(n, zeros) for n in names])
+        self._stacked = (names, (lora or None, ia3.get(True), ia3.get(False), dora))
         return self._stacked[1]
 
     def forward(self, x):
         r = self.routing
         if r is None or not any(n in self.lora or n in self.ia3 for n in r.names):
             return self.base(x)
-        lora, ia3_in, ia3_out = self.stacked(r.names)
+        lora, ia3_in, ia3_out, dora = self.stacked(r.names)
         idx = r.index(x)
         y = self.base(x if ia3_in is None else x * ia3_in[idx])  # IA3 of a feed-forward layer scales its input
         if ia3_out is not None:
             y = y * ia3_out[idx]
+        if dora is not None:  # s ⊙ (W x) + bias: the bias is not scaled (IA3's output scaling scales it)
+            y = y + dora[idx] * (y if self.base.bias is None else y - self.base.bias)
         if lora is not None:
             A, B, slot, scale, signature = lora
             key = ("lora mask", signature, x.shape[0], x.dim(), x.dtype)
@@ -129,7 +150,7 @@ class MultiAdapterLinear(nn.Module):
         return y
 
     def extra_repr(self):
-        return f"lora={sorted(self.lora)}, ia3={sorted(self.ia3)}"
+        return f"lora={sorted(self.lora)}, dora={sorted(self.dora)}, ia3={sorted(self.ia3)}"
 
 
 class MultiModule(nn.Module):
@@ -208,9 +229,11 @@ def add_adapter(model, name, settings, tensors, head_names=("score",)):
     wanted = {}  # tensor name -> expected shape
     for n in layers:
         base = modules[n].base if isinstance(modules[n], MultiAdapterLinear) else modules[n]
-        if kind == "lora":
+        if kind in ("lora", "dora"):
             wanted[f"{n}.lora_A"] = (r, base.in_features)
             wanted[f"{n}.lora_B"] = (base.out_features, r)
+            if kind == "dora":
+                wanted[f"{n}.lora_magnitude_vector"] = (base.out_features,)
         else:
             wanted[f"{n}.ia3_l"] = (base.in_features if matches(n, feedforward) else base.out_features,)
     saved = {}  # module name -> {parameter name: tensor}: the adapter's own layer norms and head
@@ -253,6 +276,8 @@ def add_adapter(model, name, settings, tensors, head_names=("score",)):
         get = lambda key: tensors[key].to(w.device, w.dtype)  # noqa: E731
         if kind == "lora":
             layer.add_lora(name, get(f"{n}.lora_A"), get(f"{n}.lora_B"), scaling)
+        elif kind == "dora":
+            layer.add_dora(name, get(f"{n}.lora_A"), get(f"{n}.lora_B"), scaling, get(f"{n}.lora_magnitude_vector"))
         else:
             layer.add_ia3(name, get(f"{n}.ia3_l"), matches(n, feedforward))
     for module, params in saved.items():
@@ -280,7 +305,7 @@ def rename_adapter(model, old, new):
     """Adapter `old` goes by `new` in every routed layer (serve.py adds a replacement beside the adapter it
     replaces, under another name, so that a replacement that does not fit leaves the old one in place)."""
     for m in model.modules():
-        tables = (m.lora, m.ia3) if isinstance(m, MultiAdapterLinear) else (m.copies,) if isinstance(m, MultiModule) \
+        tables = (m.lora, m.ia3, m.dora) if isinstance(m, MultiAdapterLinear) else (m.copies,) if isinstance(m, MultiModule) \
             else ()
         for table in tables:
             if old in table:

@@ -280,6 +280,7 @@ def describe_adapter(page, config, run_dir):
     adapter = run_dir / "adapter_model.safetensors"
     kind = settings.get("peft_type", "?")
     detail = (f"r={settings.get('r')}, alpha={settings.get('lora_alpha')}, dropout={settings.get('lora_dropout')}"
+              + (", DoRA" if settings.get("use_dora") else "")
               if kind == "LORA" else f"feed-forward: {' '.join(settings.get('feedforward_modules', [])) or 'none'}")
     page.table(["base model", "task", "method", "target modules", "parameters", "trainable", "trainable %",
                 "adapter on disk", "full model (float32)"],

@@ -144,24 +144,25 @@ def build_parser():
     p.add_argument("--top-k", type=positive(int), default=50, help="sample among the k likeliest tokens")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling, e.g. 0.95 (default: off)")
     p.add_argument("--num-samples", type=positive(int), default=1, help="independent continuations")
-    p.add_argument("--adapter", help="generate with this LoRA/IA3 adapter (ours or peft's) merged in; the base "
+    p.add_argument("--adapter", help="generate with this LoRA/DoRA/IA3 adapter (ours or peft's) merged in; the base "
                    "model defaults to the one the adapter was trained on")
     p.set_defaults(model=None)
 
-    for mode, text in (("LoRA", "fine-tune GPT-2 (or another backbone) with LoRA or IA3 adapters on CoLA or "
+    for mode, text in (("LoRA", "fine-tune GPT-2 (or another backbone) with LoRA, DoRA or IA3 adapters on CoLA or "
                                  "other data"),
                        ("sweep", "several LoRA/IA3 configurations (--configs FILE) over one backbone and data set, "
                                  "compared side by side")):
         p = sub.add_parser(mode, help=text, **fmt)
         add_common(p)
         add_data(p)
-        p.add_argument("--peft", default="lora", choices=["lora", "ia3"], help="the adapter method")
+        p.add_argument("--peft", default="lora", choices=["lora", "dora", "ia3"], help="the adapter method (dora: "
+                       "LoRA with a learned magnitude per output, peft's use_dora; LoRA's flags apply)")
         p.add_argument("--lora-rank", type=positive(int), default=4, help="r, the rank of the update B @ A")
         p.add_argument("--lora-alpha", type=float, help="default: equal to the rank (scaling 1)")
         p.add_argument("--lora-dropout", type=fraction, default=0.1, help="dropout on the adapter's input")
         p.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) instead of alpha/r")
         p.add_argument("--target-modules", nargs="+", help="linear layers to adapt, by name suffix (default: the "
-                       "model family's, printed in the log; GPT-2: LoRA attn.c_attn attn.c_proj mlp.c_fc mlp.c_proj, "
+                       "model family's, printed in the log; GPT-2: LoRA and DoRA attn.c_attn attn.c_proj mlp.c_fc mlp.c_proj, "
                        "IA3 attn.c_attn mlp.c_proj)")
         p.add_argument("--feedforward-modules", nargs="*", help="IA3 only: targets whose input, not output, is "
                        "scaled (default: the family's among the targets; GPT-2: mlp.c_proj)")

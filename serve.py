@@ -170,8 +170,8 @@ class Service:
         if len(labels) != rows:
             raise UserError(f"adapter {name}: its run_config.json names {len(labels)} labels, its head has {rows} "
                             f"rows; they must agree.")
-        info = AdapterInfo(name=name, kind="adapter", method={"lora": "LoRA", "ia3": "IA3"}[settings["kind"]],
-                           rank=settings.get("r") if settings["kind"] == "lora" else None, task=extras.get("task"),
+        info = AdapterInfo(name=name, kind="adapter", method={"lora": "LoRA", "dora": "DoRA", "ia3": "IA3"}[settings["kind"]],
+                           rank=settings.get("r") if settings["kind"] != "ia3" else None, task=extras.get("task"),
                            labels=labels, base=extras.get("model") or settings.get("base_model_name_or_path"),
                            parameters=sum(t.numel() for t in tensors.values()),
                            size=sum(t.numel() * t.element_size() for t in tensors.values()))

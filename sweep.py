@@ -18,7 +18,7 @@ SWEEP_VOLATILE = {"command", "resume", "threads", "device", "plots_dir", "out_di
                   "configs", "export_peft"}
 
 # Each key's check, as its flag would check it.
-CHECKS = {"peft": lambda v: v if v in ("lora", "ia3") else None, "r": positive(int), "alpha": float,
+CHECKS = {"peft": lambda v: v if v in ("lora", "dora", "ia3") else None, "r": positive(int), "alpha": float,
           "dropout": fraction, "rslora": lambda v: v if isinstance(v, bool) else None, "lr": positive(float),
           "epochs": positive(int), "batch_size": positive(int), "weight_decay": non_negative,
           "target_modules": lambda v: v if isinstance(v, list) and v and all(isinstance(x, str) for x in v) else None,
@@ -100,7 +100,7 @@ def read_sweep(path, args):
             flags[SWEEP_KEYS[key]] = checked
         peft = flags.get("peft", args.peft)
         name = str(config.get("name") or f"{i}_{peft}" + (f"_r{flags.get('lora_rank', args.lora_rank)}"
-                                                          if peft == "lora" else ""))
+                                                          if peft != "ia3" else ""))
         if not name.replace("_", "").replace("-", "").replace(".", "").isalnum() or name in names:
             raise UserError(f"--configs {path}, configuration {i}: name {name!r} is "
                             f"{'used twice' if name in names else 'not a plain directory name'}; use letters, "

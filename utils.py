@@ -258,14 +258,14 @@ PEFT_PREFIX = "base_model.model."
 
 def adapter_settings(kind, r=4, alpha=4.0, dropout=0.0, rslora=False, target_modules=(), feedforward_modules=(),
                      modules_to_save=(), fan_in_fan_out=True):
-    """The peft adapter_config.json for our adapters. fan_in_fan_out=True for GPT-2, whose Conv1D in
+    """The peft adapter_config.json for our adapters (kind lora, dora or ia3; DoRA is peft's LORA with use_dora). fan_in_fan_out=True for GPT-2, whose Conv1D in
     transformers (the model peft adapts) stores W as (in, out); False for every model of nn.Linear layers
     (backbones.py). Either way the LoRA matrices have the same shapes: only peft's forward differs."""
     common = {"task_type": "SEQ_CLS", "fan_in_fan_out": fan_in_fan_out, "target_modules": list(target_modules),
               "modules_to_save": list(modules_to_save), "inference_mode": True}
-    if kind == "lora":
+    if kind in ("lora", "dora"):
         return {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "lora_dropout": dropout, "use_rslora": rslora,
-                "bias": "none", **common}
+                "bias": "none", **({"use_dora": True} if kind == "dora" else {}), **common}
     return {"peft_type": "IA3", "feedforward_modules": list(feedforward_modules), **common}
 
 
@@ -303,14 +303,14 @@ def read_adapter(adapter_dir):
         tensors = load_file(weights)
     except Exception as e:
         raise UserError(f"--adapter {adapter_dir}: could not read it ({type(e).__name__}: {e}).")
-    kind = {"LORA": "lora", "IA3": "ia3"}.get(settings.get("peft_type"))
+    kind = {"LORA": "dora" if settings.get("use_dora") else "lora", "IA3": "ia3"}.get(settings.get("peft_type"))
     problems = []
     if kind is None:
-        problems.append(f"peft_type {settings.get('peft_type')!r} (supported: LORA, IA3)")
+        problems.append(f"peft_type {settings.get('peft_type')!r} (supported: LORA, with or without DoRA, and IA3)")
     if not isinstance(settings.get("target_modules"), list):
         problems.append("target_modules must be a list of names (a regular expression is not supported)")
-    if settings.get("use_dora") or settings.get("lora_bias") or settings.get("bias", "none") != "none":
-        problems.append("DoRA and trained biases are not supported")
+    if settings.get("lora_bias") or settings.get("bias", "none") != "none":
+        problems.append("trained biases are not supported")
     if problems:
         raise UserError(f"--adapter {adapter_dir}: cannot load this adapter: {'; '.join(problems)}.")
     ours = {}

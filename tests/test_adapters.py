@@ -1,12 +1,13 @@
-"""The adapters (LoRA, IA3), their injection into ours and transformers' models, the trainable-parameter
+"""The adapters (LoRA, DoRA, IA3), their injection into ours and transformers' models, the trainable-parameter
 counts, the classifier's padding and parity with transformers, and our adapter files against peft's."""
 import math
 
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from model import (GPT, GPT2_TARGETS, GPTClassifier, GPTConfig, IA3Linear, LoRALinear, adapter_modules,
+from model import (GPT, GPT2_TARGETS, DoRALinear, GPTClassifier, GPTConfig, IA3Linear, LoRALinear, adapter_modules,
                    inject_adapters, mark_trainable, merge_adapters, remove_adapters)
 from utils import UserError, adapter_settings, attach_adapter, load_gpt, read_adapter, save_adapter
 
@@ -123,6 +124,107 @@ def test_ia3_linear_noop_merge_unmerge(feedforward):
     torch.testing.assert_close(base.weight, w0, atol=1e-6, rtol=0)  # (w * l) / l: an ulp of |w| <= 0.2
     torch.testing.assert_close(base.bias, b0, atol=1e-6, rtol=0)
     torch.testing.assert_close(ia3(x), scaled, rtol=1e-5, atol=1e-5)  # back to the unmerged path, as above
+
+
+def perturbed_dora(seed=0, r=4, alpha=8.0, rslora=False, dropout=0.0, bias=True):
+    """A DoRALinear with random A, B and a magnitude away from its initial row norms (so every term shows)."""
+    dora = DoRALinear(make_linear(seed, bias=bias), r=r, alpha=alpha, rslora=rslora, dropout=dropout)
+    g = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        dora.lora_B.normal_(std=0.3, generator=g)
+        dora.lora_magnitude_vector.mul_(torch.rand(48, generator=g) + 0.5)  # in [0.5, 1.5): never zero
+    return dora
+
+
+def dora_by_hand(dora, x):
+    """DoRA's definition, computed plainly: m / ||W + s B A||_row * (W + s B A) x + bias."""
+    w = dora.base.weight + dora.scaling * dora.lora_B @ dora.lora_A
+    w = dora.lora_magnitude_vector[:, None] * w / w.norm(dim=1, keepdim=True)
+    return F.linear(x, w, dora.base.bias)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("rslora", [False, True])
+def test_dora_linear_is_a_noop_at_start_then_its_definition(rslora, bias):
+    base = make_linear(bias=bias)
+    x = torch.randn(5, 7, 32)
+    expected = base(x)
+    dora = DoRALinear(base, r=4, alpha=8.0, rslora=rslora)
+    # m starts at the row norms of W, and B at zero: exactly the base layer.
+    torch.testing.assert_close(dora.lora_magnitude_vector, base.weight.norm(dim=1), rtol=1e-6, atol=0)
+    assert torch.equal(dora(x), expected)
+    dora = perturbed_dora(rslora=rslora, bias=bias).eval()
+    assert dora.scaling == pytest.approx(8 / 2 if rslora else 2.0, rel=1e-12, abs=0)
+    out = dora(x)
+    # Outputs ~1 from sums of 32 products in two orders: a few ulps (measured 5e-7).
+    torch.testing.assert_close(out, dora_by_hand(dora, x), rtol=1e-5, atol=1e-5)
+    lora_only = F.linear(x, dora.base.weight + dora.delta_weight(), dora.base.bias)
+    assert not torch.allclose(out, lora_only, rtol=0, atol=1e-2), "the magnitude must show"
+    assert "dora=True" in repr(dora) and f"scaling={dora.scaling:g}" in repr(dora)
+
+
+def test_dora_dropout_reaches_the_magnitude_term_as_in_peft():
+    """Training with dropout: y = base(x) + (m/n - 1) W drop(x) + m/n s B A drop(x), peft's choice (its W x term
+    sees the dropped-out input); at evaluation no dropout."""
+    dora = perturbed_dora(dropout=0.5).train()
+    x = torch.randn(6, 32)
+    torch.manual_seed(11)
+    out = dora(x)
+    torch.manual_seed(11)  # the same mask again
+    dropped = dora.dropout(x)
+    with torch.no_grad():
+        s = dora.lora_magnitude_vector / (dora.base.weight + dora.delta_weight()).norm(dim=1)
+        by_hand = dora.base(x) + (s - 1) * F.linear(dropped, dora.base.weight) + s * F.linear(dropped, dora.delta_weight())
+    torch.testing.assert_close(out.detach(), by_hand, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(out.detach(), dora_by_hand(dora, x).detach(), rtol=0, atol=1e-2)  # dropout acted
+    dora.eval()
+    torch.testing.assert_close(dora(x), dora_by_hand(dora, x), rtol=1e-5, atol=1e-5)
+
+
+def test_dora_gradients_equal_pefts():
+    """The weight norm is a constant for the gradient (detached), as in peft: the outputs and the gradients of A, B
+    and m equal peft's on the same layer (with a bias) and the same values."""
+    from peft import LoraConfig, get_peft_model
+    dora = perturbed_dora(seed=3).train()
+    net = nn.Sequential()
+    net.add_module("lin", make_linear(3))
+    theirs = get_peft_model(net, LoraConfig(r=4, lora_alpha=8, target_modules=["lin"], use_dora=True)).train()
+    layer = theirs.base_model.model.lin
+    with torch.no_grad():
+        layer.lora_A["default"].weight.copy_(dora.lora_A)
+        layer.lora_B["default"].weight.copy_(dora.lora_B)
+        layer.lora_magnitude_vector["default"].weight.copy_(dora.lora_magnitude_vector)
+    x = torch.randn(9, 32)
+    target = torch.randn(9, 48)
+    mine_out, peft_out = dora(x), theirs(x)
+    assert dora.base.bias.abs().max() > 0.05  # a bias that DoRA must leave unscaled
+    torch.testing.assert_close(mine_out, peft_out, rtol=1e-5, atol=1e-5)
+    ((mine_out - target) ** 2).sum().backward()
+    ((peft_out - target) ** 2).sum().backward()
+    # Gradients ~10-100 from sums over 9 rows and 48 outputs: float32 in two orders, ~1e-5 relative.
+    for mine, peft_param in ((dora.lora_A, layer.lora_A["default"].weight), (dora.lora_B, layer.lora_B["default"].weight),
+                             (dora.lora_magnitude_vector, layer.lora_magnitude_vector["default"].weight)):
+        assert mine.grad.abs().max() > 1e-2
+        torch.testing.assert_close(mine.grad, peft_param.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_dora_merge_unmerge_restore_and_agree():
+    dora = perturbed_dora().eval()
+    base = dora.base
+    w0, b0 = base.weight.detach().clone(), base.bias.detach().clone()
+    x = torch.randn(6, 32)
+    unmerged = dora(x)
+    dora.merge()
+    dora.merge()  # twice is once
+    assert dora.merged and not torch.allclose(base.weight, w0, rtol=0, atol=1e-3)
+    assert torch.equal(base.bias, b0)  # DoRA scales the weight's product, never the bias
+    # Outputs ~1, the same sums in another order (measured 5e-7).
+    torch.testing.assert_close(dora(x), unmerged, rtol=1e-5, atol=1e-5)
+    dora.unmerge()
+    assert not dora.merged
+    # w' / s - d: an ulp or two of |w + d| <= 1.5 (scales in [0.5, 1.5]).
+    torch.testing.assert_close(base.weight, w0, rtol=0, atol=1e-6)
+    torch.testing.assert_close(dora(x), unmerged, rtol=1e-5, atol=1e-5)
 
 
 # --------------------------------------------------------------------------- injection
@@ -366,6 +468,83 @@ def test_ia3_adapters_both_ways(tiny_dir, tmp_path):
     assert ours.transformer.h[0].mlp.c_proj.feedforward and not ours.transformer.h[0].attn.c_attn.feedforward
     mine, peft_logits = logits_both(ours, theirs)
     torch.testing.assert_close(mine, peft_logits, **LOGITS)
+
+
+def dora_config(rslora=False, modules_to_save=LAYERNORMS):
+    from peft import LoraConfig
+    return LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=list(GPT2_TARGETS), fan_in_fan_out=True,
+                      use_rslora=rslora, use_dora=True, modules_to_save=modules_to_save)
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_peft_loads_our_dora_adapter(tiny_dir, tmp_path, rslora):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    torch.manual_seed(0)
+    ours = our_classifier(tiny_dir)
+    inject_adapters(ours, "dora", GPT2_TARGETS, r=4, alpha=8.0, rslora=rslora)
+    mark_trainable(ours)
+    perturb_trainable(ours, 5)  # A, B and the magnitude m: away from its initial ||W|| by ~0.1 (m ~ 0.2-0.4)
+    settings = adapter_settings("dora", 4, 8.0, 0.0, rslora, GPT2_TARGETS, modules_to_save=["score", *LAYERNORMS])
+    assert settings["peft_type"] == "LORA" and settings["use_dora"] is True
+    save_adapter(ours, tmp_path, settings, {"model": str(tiny_dir)})
+    keys = load_file(tmp_path / "adapter_model.safetensors")
+    assert keys["base_model.model.transformer.h.0.attn.c_attn.lora_magnitude_vector"].shape == (192,)  # peft's key
+    theirs = PeftModel.from_pretrained(peft_base(tiny_dir), tmp_path).eval()
+    layer = theirs.base_model.model.transformer.h[1].mlp.c_fc
+    assert torch.equal(layer.lora_magnitude_vector["default"].weight, ours.transformer.h[1].mlp.c_fc.lora_magnitude_vector)
+    mine, peft_logits = logits_both(ours, theirs)
+    torch.testing.assert_close(mine, peft_logits, **LOGITS)
+    # Not vacuous: the same A and B as plain LoRA (the magnitude dropped) give other logits.
+    lora = our_classifier(tiny_dir)
+    settings, tensors, _ = read_adapter(tmp_path)
+    assert settings["kind"] == "dora"
+    attach_adapter(lora, {**settings, "kind": "lora"},
+                   {k: t for k, t in tensors.items() if not k.endswith("lora_magnitude_vector")})
+    assert (logits_both(lora, theirs)[0] - mine).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_we_load_a_peft_dora_adapter(tiny_dir, tmp_path, rslora):
+    theirs = make_peft_adapter(tiny_dir, tmp_path, dora_config(rslora), seed=9)  # A, B and m perturbed
+    settings, tensors, extras = read_adapter(tmp_path)
+    assert settings["kind"] == "dora" and extras == {}
+    assert tensors["transformer.h.1.mlp.c_proj.lora_magnitude_vector"].shape == (64,)
+    ours = our_classifier(tiny_dir)
+    base_logits, peft_logits = logits_both(ours, theirs)
+    attach_adapter(ours, settings, tensors)
+    assert len(adapter_modules(ours)) == 8 and all(isinstance(m, DoRALinear) for m in adapter_modules(ours))
+    layer = ours.transformer.h[0].attn.c_attn
+    assert not torch.allclose(layer.lora_magnitude_vector, layer.weight_norm(), rtol=0, atol=1e-3)  # not its init
+    mine, _ = logits_both(ours, theirs)
+    torch.testing.assert_close(mine, peft_logits, **LOGITS)
+    assert (mine - base_logits).abs().max() > 1e-3
+    merge_adapters(ours)  # as predict and gen run it
+    torch.testing.assert_close(logits_both(ours, theirs)[0], peft_logits, **LOGITS)
+    remove_adapters(ours)  # unmerged: the base weights again (the head and layer norms stay the adapter's)
+    fresh = our_classifier(tiny_dir).state_dict()
+    for n, w in ours.state_dict().items():
+        if n.endswith(tuple(f"{t}.weight" for t in GPT2_TARGETS)):
+            torch.testing.assert_close(w, fresh[n], rtol=0, atol=1e-6, msg=n)  # w' / s - d: an ulp or two
+
+
+@pytest.mark.parametrize("layernorms", [True, False])
+def test_dora_trainable_parameters_equal_pefts(tiny_dir, layernorms):
+    from peft import get_peft_model
+    ours = our_classifier(tiny_dir)
+    inject_adapters(ours, "dora", GPT2_TARGETS, r=4, alpha=8.0)
+    mine = mark_trainable(ours, train_layernorm=layernorms)
+    theirs = get_peft_model(peft_base(tiny_dir), dora_config(modules_to_save=LAYERNORMS if layernorms else None))
+    names = {n.removeprefix("base_model.model.").replace(".modules_to_save.default.", ".")
+             .replace(".default.weight", "").replace(".default", "") for n, p in theirs.named_parameters() if p.requires_grad}
+    assert set(mine) == names
+    count = sum(p.numel() for p in ours.parameters() if p.requires_grad)
+    assert count == sum(p.numel() for p in theirs.parameters() if p.requires_grad)
+    # LoRA's count plus one magnitude per output of each adapted layer: 2 layers, outputs 192 + 64 + 256 + 64.
+    lora = our_classifier(tiny_dir)
+    inject_adapters(lora, "lora", GPT2_TARGETS, r=4, alpha=8.0)
+    mark_trainable(lora, train_layernorm=layernorms)
+    assert count == sum(p.numel() for p in lora.parameters() if p.requires_grad) + 2 * (192 + 64 + 256 + 64)
 
 
 def test_attach_rejects_an_adapter_for_another_architecture(tiny_dir, tmp_path):

@@ -13,14 +13,14 @@ import torch.nn as nn
 import backbones
 from backbones import FAMILY_TARGETS, HFClassifier, is_gpt2, load_hf_classifier
 from data import Examples
-from model import (ADAPTERS, IA3Linear, LoRALinear, adapter_modules, inject_adapters, mark_trainable,
+from model import (ADAPTERS, DoRALinear, IA3Linear, LoRALinear, adapter_modules, inject_adapters, mark_trainable,
                    merge_adapters, remove_adapters)
 from train_utils import TrainConfig, fit
 from utils import UserError, adapter_settings, attach_adapter, read_adapter, save_adapter
 
 CPU = torch.device("cpu")
 FAMILIES = ["distilbert", "bert", "llama"]
-KINDS = ["lora", "ia3"]
+KINDS = ["lora", "dora", "ia3"]
 VOCAB = 64
 SPECIAL = 5  # ids 0-4: the tokenizers' special tokens, never drawn as words
 # Logits of these tiny models (|x| <= 3.5) after two layers of float32 sums of <= 48 terms: two computations of them
@@ -139,8 +139,8 @@ def perturb(model, seed, scale=0.1):
 def with_defaults(model, info, kind, train_layernorm=True, r=4, alpha=8.0):
     """Our adapter with the family's default targets, trainable as the CLI will make it. Returns the settings
     of its adapter file (peft's adapter_config.json)."""
-    targets = info["lora_targets"] if kind == "lora" else info["ia3_targets"]
-    feedforward = [] if kind == "lora" else info["ia3_feedforward"]
+    targets = info["ia3_targets"] if kind == "ia3" else info["lora_targets"]
+    feedforward = info["ia3_feedforward"] if kind == "ia3" else []
     inject_adapters(model, kind, targets, feedforward, r=r, alpha=alpha)
     mark_trainable(model, train_layernorm=train_layernorm, head_names=info["head"])
     return adapter_settings(kind, r, alpha, 0.0, False, targets, feedforward, fan_in_fan_out=False,
@@ -152,21 +152,23 @@ def peft_config(family, kind, modules_to_save=None, r=4, alpha=8):
     modules_to_save by itself), and whatever else is to be saved (the layer norms)."""
     from peft import IA3Config, LoraConfig
     f = FAMILY_TARGETS[family]
-    if kind == "lora":
+    if kind != "ia3":
         return LoraConfig(task_type="SEQ_CLS", r=r, lora_alpha=alpha, target_modules=list(f["lora"]),
-                          modules_to_save=modules_to_save)
+                          modules_to_save=modules_to_save, use_dora=kind == "dora")
     return IA3Config(task_type="SEQ_CLS", target_modules=list(f["ia3"]), feedforward_modules=list(f["feedforward"]),
                      modules_to_save=modules_to_save)
 
 
 def peft_names_as_ours(peft_model):
     """Peft's trainable parameter names in ours: base_model.model.X.lora_A.default.weight -> X.lora_A,
-    X.ia3_l.default -> X.ia3_l, X.modules_to_save.default.Y -> X.Y."""
+    X.lora_magnitude_vector.default.weight -> X.lora_magnitude_vector (DoRA), X.ia3_l.default -> X.ia3_l,
+    X.modules_to_save.default.Y -> X.Y."""
     names = set()
     for n, p in peft_model.named_parameters():
         if p.requires_grad:
             n = n.removeprefix("base_model.model.").replace(".modules_to_save.default.", ".")
             n = n.replace(".lora_A.default.weight", ".lora_A").replace(".lora_B.default.weight", ".lora_B")
+            n = n.replace(".lora_magnitude_vector.default.weight", ".lora_magnitude_vector")
             names.add(n.replace(".ia3_l.default", ".ia3_l"))
     return names
 
@@ -260,9 +262,9 @@ def test_trainable_parameters_are_pefts(tiny, family, kind, train_layernorm):
     count = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert count == sum(p.numel() for p in theirs.parameters() if p.requires_grad)
     # Not vacuous: the adapters, the head, and (when asked) the norms are all among them.
-    adapters = {n for n in mine if n.endswith((".lora_A", ".lora_B", ".ia3_l"))}
-    # 2 layers: LoRA's A and B on 2 targets; IA3 on 3 (bert: 4, output.dense also matches the attention's)
-    assert len(adapters) == (8 if kind == "lora" else 8 if family == "bert" else 6)
+    adapters = {n for n in mine if n.endswith((".lora_A", ".lora_B", ".lora_magnitude_vector", ".ia3_l"))}
+    # 2 layers: LoRA's A and B on 2 targets (DoRA's m too); IA3 on 3 (bert: 4, output.dense also matches the attention's)
+    assert len(adapters) == {"lora": 8, "dora": 12, "ia3": 8 if family == "bert" else 6}[kind]
     assert {n.split(".")[0] for n in mine - adapters} >= set(info["head"])
     assert any("norm" in n.lower() for n in mine) == train_layernorm
 
@@ -278,7 +280,7 @@ def test_fresh_adapter_is_a_noop_and_merges(tiny, family, kind):
     weights = {n: p.detach().clone() for n, p in model.state_dict().items()}
     with_defaults(model, info, kind)
     adapters = adapter_modules(model)
-    assert adapters and all(isinstance(m, LoRALinear if kind == "lora" else IA3Linear) for m in adapters)
+    assert adapters and all(type(m) is {"lora": LoRALinear, "dora": DoRALinear, "ia3": IA3Linear}[kind] for m in adapters)
     assert adapter_modules(model.hf) == adapters  # injected into the transformers model itself
     assert torch.equal(logits(model, family), before)  # zero B, unit vectors: exactly the same numbers
     perturb(model, seed=1)
@@ -316,7 +318,8 @@ def test_peft_loads_our_adapter(tiny, tmp_path, family, kind):
     from safetensors.torch import load_file
     keys = set(load_file(tmp_path / "adapter_model.safetensors"))
     first = next(n for n, m in model.named_modules() if isinstance(m, ADAPTERS))
-    assert (f"base_model.model.{first}.lora_A.weight" if kind == "lora" else f"base_model.model.{first}.ia3_l") in keys
+    assert (f"base_model.model.{first}.ia3_l" if kind == "ia3" else f"base_model.model.{first}.lora_A.weight") in keys
+    assert (f"base_model.model.{first}.lora_magnitude_vector" in keys) == (kind == "dora")
     assert {f"base_model.model.{h}.weight" for h in info["head"] if h != "pooler"} <= keys
     assert json.loads((tmp_path / "adapter_config.json").read_text())["fan_in_fan_out"] is False
 

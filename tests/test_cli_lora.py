@@ -224,6 +224,57 @@ def test_gen_with_the_adapter(lora_run, tiny_dir):
     assert proc.stdout.endswith(DEFAULT_PROMPT + text + "\n"), proc.stdout
 
 
+# --------------------------------------------------------------------------- --peft dora
+
+@needs_tokenizer
+@needs_cola
+def test_dora_trains_exports_resumes_predicts_and_generates(tiny_dir, tmp_path):
+    """`run.py LoRA --peft dora` with LoRA's flags: peft's files (use_dora, the magnitudes under peft's key), which
+    peft loads to predict's numbers; --resume continues it; gen merges it. Flags that do not apply are refused."""
+    from peft import PeftModel
+    from transformers import GPT2ForSequenceClassification
+    from utils import load_gpt, load_tokenizer
+    out, peft_dir = tmp_path / "out", tmp_path / "peft"
+    args = lora_args(tiny_dir, out, tmp_path / "plots", COLA_DIR, 7, "--peft", "dora", "--lora-alpha", 8, "--rslora",
+                     "--export-peft", peft_dir)
+    proc = ok(run(*args))
+    config = json.loads((peft_dir / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["use_dora"] is True and config["use_rslora"] is True
+    assert config["lora_alpha"] == 8.0 and config["target_modules"] == ["attn.c_attn", "attn.c_proj", "mlp.c_fc",
+                                                                        "mlp.c_proj"]
+    tensors = load_tensors(peft_dir / "adapter_model.safetensors")
+    # LoRA's 8,960 (test_lora_writes_adapter_metrics_plots_and_counts) + a magnitude per output: 2 x (192+64+256+64).
+    assert sum(t.numel() for t in tensors.values()) == 10_112 and "trainable with DORA: 10,112 (" in proc.stdout
+    m = tensors["base_model.model.transformer.h.0.mlp.c_fc.lora_magnitude_vector"]
+    w = load_gpt(tiny_dir).transformer.h[0].mlp.c_fc.weight
+    assert m.shape == (256,) and (m - w.norm(dim=1)).abs().max() > 1e-4  # it trained the magnitudes
+    (tmp_path / "in.txt").write_text("\n".join(SENTENCES) + "\n")
+    predicted, generated, resumed, bad_ff, bad_alpha = together(
+        lambda: run("predict", 7, "--adapter", out, "--input", tmp_path / "in.txt"),
+        lambda: run("gen", 7, "--model", tiny_dir, "--adapter", peft_dir, "--max-new-tokens", 3, "--temperature", 0),
+        lambda: run(*args, "--resume"),  # the same flags: the finished run's checkpoint reads back
+        lambda: run(*args, "--feedforward-modules", "mlp.c_proj"),
+        lambda: run(*lora_args(tiny_dir, tmp_path / "ia3", tmp_path / "plots"), "--peft", "ia3", "--rslora"))
+    # predict (merged) against peft's own model of the exported files.
+    tok = load_tokenizer(tiny_dir)
+    theirs = PeftModel.from_pretrained(
+        GPT2ForSequenceClassification.from_pretrained(tiny_dir, num_labels=2, pad_token_id=tok.pad_token_id),
+        peft_dir).eval()
+    lines = ok(predicted).stdout.strip().splitlines()
+    assert len(lines) == len(SENTENCES)
+    for line, sentence in zip(lines, SENTENCES):
+        with torch.no_grad():
+            p = theirs(**tok(sentence, return_tensors="pt")).logits.softmax(-1)[0]
+        label, prob, text = LINE.match(line).groups()
+        assert text == sentence and label == COLA_LABELS[int(p.argmax())]
+        assert abs(float(prob) - float(p.max())) <= 0.0006  # printed to 3 decimals
+    assert f"[adapter {peft_dir} merged into {tiny_dir}]" in ok(generated).stdout
+    assert f"resumed from {out / 'last.pt'} after epoch 1 of 1" in ok(resumed).stdout
+    msg = user_error(bad_ff)
+    assert "--feedforward-modules applies to --peft ia3 only" in msg and "DoRA" in msg
+    assert "--peft lora and dora only" in user_error(bad_alpha)
+
+
 # --------------------------------------------------------------------------- bad input: exit 2, a clear message
 
 BAD_ROWS = {

@@ -187,6 +187,74 @@ def test_mixed_adapters_in_one_request_equal_predict(server, adapters, tiny_dir)
     assert len({round(o["probability"], 6) for o in outputs}) > 5  # the adapters really differ
 
 
+def test_a_dora_adapter_mixed_with_lora_and_ia3_equals_each_alone(tiny_dir, adapters):
+    """multi_adapter: a batch of rows for a DoRA adapter (d), a LoRA (a) and an IA3 (b) gives each row its adapter's
+    logits alone (our DoRALinear, tested against peft). DoRA scales W x per output, never the bias: a scaled bias,
+    or the scale left out, moves these logits by > 1e-2."""
+    from model import GPTClassifier
+    from multi_adapter import Routing, add_adapter, routed
+    from utils import attach_adapter, load_gpt, load_tokenizer, read_adapter
+    from safetensors.torch import load_file, save_file
+    from conftest import copy_checkpoint
+    root, made = adapters
+    # transformers' GPT-2 starts its biases at zero, where a scaled bias would not show: a copy with random ones.
+    base = copy_checkpoint(tiny_dir, root.parent / "biased-base", with_tokenizer=True)
+    weights = load_file(base / "model.safetensors")
+    g = torch.Generator().manual_seed(0)
+    save_file({k: t + 0.3 * torch.randn(t.shape, generator=g) if k.endswith(("attn.bias", "proj.bias", "fc.bias"))
+               else t for k, t in weights.items()}, base / "model.safetensors")
+    tiny_dir = base
+    d = make_adapter(tiny_dir, root.parent / "dora-d", "dora", GPT2_LORA, seed=7)
+    dirs = {"d": d, "a": made["a"], "b": made["b"]}  # a and b: trained on the other base, of the same shapes
+    tok = load_tokenizer(tiny_dir)
+    model = load_gpt(tiny_dir, cls=GPTClassifier, num_labels=2).eval()
+    assert model.transformer.h[0].attn.c_attn.bias.abs().max() > 0.1
+    for name, path in dirs.items():
+        add_adapter(model, name, *read_adapter(path)[:2])
+    rows = [("d", SENTENCES[0]), ("d", SENTENCES[1]), ("a", SENTENCES[2]), ("b", SENTENCES[3]), ("b", SENTENCES[4]),
+            ("d", SENTENCES[4])]
+    order = sorted(range(len(rows)), key=lambda i: list(dirs).index(rows[i][0]))  # spans: rows sorted by adapter
+    enc = tok([rows[i][1] for i in order], padding=True, return_tensors="pt")
+    spans, start = [], 0
+    for name in dirs:
+        n = sum(rows[i][0] == name for i in order)
+        spans.append((name, start, start + n))
+        start += n
+    with torch.no_grad(), routed(model, Routing(spans, enc["attention_mask"].sum(1))):
+        mixed = model(enc["input_ids"], enc["attention_mask"])
+    for k, i in enumerate(order):
+        name, text = rows[i]
+        alone = load_gpt(tiny_dir, cls=GPTClassifier, num_labels=2).eval()
+        attach_adapter(alone, *read_adapter(dirs[name])[:2])
+        with torch.no_grad():
+            want = alone(tok(text, return_tensors="pt")["input_ids"])[0]
+        # Logits ~1 of two 64-wide layers: the same sums in other orders, ~1e-7 apart.
+        torch.testing.assert_close(mixed[k], want, rtol=1e-5, atol=1e-5, msg=name)
+    # Not vacuous: DoRA's rows are not its LoRA part alone (m / ||W + s B A|| is far from 1 here).
+    settings, tensors, _ = read_adapter(d)
+    lora = load_gpt(tiny_dir, cls=GPTClassifier, num_labels=2).eval()
+    attach_adapter(lora, {**settings, "kind": "lora"}, {k: t for k, t in tensors.items() if "magnitude" not in k})
+    with torch.no_grad():
+        assert (lora(tok(SENTENCES[0], return_tensors="pt")["input_ids"])[0] - mixed[0]).abs().max() > 1e-2
+
+
+def test_a_dora_adapter_over_http_in_a_mixed_request_equals_predict(server, adapters, tiny_dir):
+    root, made = adapters
+    make_adapter(tiny_dir, root / "dora", "dora", GPT2_LORA, seed=8)
+    status, info = call(server + "/adapters/dora", "PUT")
+    assert status == 201 and info["method"] == "DoRA" and info["rank"] == 2
+    try:
+        inputs = [{"adapter": n, "text": s} for s in SENTENCES for n in ("dora", "a", "b")]
+        status, body = call(server + "/classify", "POST", {"inputs": inputs})
+        assert status == 200, body
+        for name, path in (("dora", root / "dora"), ("a", made["a"]), ("b", made["b"])):
+            got = [o for x, o in zip(inputs, body["outputs"]) if x["adapter"] == name]
+            for o, p in zip(got, predicted(tiny_dir, path, SENTENCES)):  # predict: alone, merged
+                assert max(abs(o["probabilities"][k] - float(q)) for k, q in zip(COLA, p)) <= 1e-5, (name, o, p)
+    finally:
+        assert call(server + "/adapters/dora", "DELETE")[0] == 200
+
+
 def test_concurrent_requests_share_batches(server):
     """Requests that arrive together run as one forward: fewer batches than requests, answers unchanged."""
     inputs = [{"adapter": n, "text": s} for n, s in zip("abcab", SENTENCES)]
