@@ -1,0 +1,248 @@
+"""Prompt tuning and prefix tuning (prompts.py): the same logits as peft on the same adapter, both ways, for our
+GPT-2, a tiny Llama and a tiny BERT; trainable counts as peft's; padding; generation with the virtual tokens."""
+import pytest
+import torch
+
+from conftest import TOKENIZER_DIR, needs_tokenizer
+from model import GPTClassifier, mark_trainable
+from prompts import add_virtual_tokens, model_dims, prompt_settings, text_init
+from test_adapters import LAYERNORMS, LOGITS, PAD, padded_batch, peft_base, perturb_trainable
+from test_backbones import PAD as HF_PAD, ours as hf_ours, padded_batch as hf_batch, plain_transformers, tiny  # noqa: F401
+from utils import UserError, attach_adapter, load_gpt, read_adapter, save_adapter
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+METHODS = [("prompt", None), ("prefix", None), ("prefix", 16)]  # (kind, --encoder-hidden-size of a projection)
+
+
+def peft_config(kind, n, projection=None, modules_to_save=None, **extra):
+    from peft import PrefixTuningConfig, PromptTuningConfig
+    if kind == "prompt":
+        return PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=n, modules_to_save=modules_to_save, **extra)
+    return PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=n, prefix_projection=bool(projection),
+                              encoder_hidden_size=projection, modules_to_save=modules_to_save, **extra)
+
+
+def with_virtual_tokens(model, kind, n, projection, heads, norms, seed):
+    """Ours with random virtual tokens, a perturbed head and norms, trainable as the CLI makes it; its settings."""
+    torch.manual_seed(seed)
+    add_virtual_tokens(model, kind, n, projection)
+    mark_trainable(model, train_layernorm=bool(norms), head_names=(*heads, "prompt_encoder"))
+    perturb_trainable(model, seed)
+    return prompt_settings(kind, n, model_dims(model, kind), [*heads, *norms], encoder_hidden_size=projection)
+
+
+def peft_adapter(base, out_dir, config, seed):
+    """Peft's own adapter on `base`, every trainable parameter perturbed by a seeded generator, saved."""
+    from peft import get_peft_model
+    torch.manual_seed(seed)
+    model = get_peft_model(base, config)
+    perturb_trainable(model, seed)
+    model.eval().save_pretrained(out_dir)
+    return model
+
+
+def both(ours, theirs, ids, mask):
+    with torch.no_grad():
+        return ours(ids, mask), theirs(input_ids=ids, attention_mask=mask).logits
+
+
+def without_virtual_tokens(model, ids, mask):
+    """The logits of the model with the same head and norms but no virtual tokens: a comparison is not vacuous.
+    (peft's disable_adapter() fails on prompt learning in 0.21.2: UnboundLocalError.)"""
+    vt = model._modules.pop("prompt_encoder")
+    with torch.no_grad():
+        out = model(ids, mask)
+    model.prompt_encoder = vt
+    return out
+
+
+def our_gpt(tiny_dir):
+    return load_gpt(tiny_dir, cls=GPTClassifier, num_labels=2).eval()
+
+
+# --------------------------------------------------------------------------- our GPT-2 against peft's
+
+@pytest.mark.parametrize("kind,projection", METHODS)
+def test_peft_loads_our_gpt2_adapter(tiny_dir, tmp_path, kind, projection):
+    from peft import PeftModel
+    ours = our_gpt(tiny_dir)
+    settings = with_virtual_tokens(ours, kind, 5, projection, ["score"], LAYERNORMS, seed=5)
+    save_adapter(ours, tmp_path, settings)
+    theirs = PeftModel.from_pretrained(peft_base(tiny_dir), tmp_path).eval()
+    # Peft's decoder with prompt tuning reads the last position (no input ids): right for rows without padding.
+    lengths = [6, 6, 6] if kind == "prompt" else [8, 3, 5]
+    mine, peft_logits = both(ours, theirs, *padded_batch(lengths, seed=3))
+    torch.testing.assert_close(mine, peft_logits, **LOGITS)
+    assert (without_virtual_tokens(ours, *padded_batch(lengths, seed=3)) - mine).abs().max() > 1e-3
+    # Left padding (pads between the virtual tokens and the sentence, masked), where peft reads the right token too.
+    left = torch.tensor([[PAD, PAD, PAD, 5, 6, 7], [1, 2, 3, 4, 5, 6]])
+    torch.testing.assert_close(*both(ours, theirs, left, (left != PAD).long()), **LOGITS)
+
+
+@pytest.mark.parametrize("kind,projection", METHODS)
+def test_we_load_a_peft_gpt2_adapter(tiny_dir, tmp_path, kind, projection):
+    theirs = peft_adapter(peft_base(tiny_dir), tmp_path, peft_config(kind, 4, projection, LAYERNORMS), seed=6)
+    settings, tensors, extras = read_adapter(tmp_path)
+    assert settings["kind"] == kind and extras == {}
+    assert tensors["prompt_encoder.embedding.weight"].shape == (4, 64 if kind == "prompt" else 2 * 2 * 64)
+    ours = attach_adapter(our_gpt(tiny_dir), settings, tensors)
+    lengths = [7, 7] if kind == "prompt" else [8, 3, 5]
+    mine, peft_logits = both(ours, theirs, *padded_batch(lengths, seed=4))
+    torch.testing.assert_close(mine, peft_logits, **LOGITS)
+
+
+def test_peft_prompt_tuning_reads_a_pad_with_right_padding(tiny_dir, tmp_path):
+    """The one difference from peft (docs/lora.md): peft's decoder classifier with prompt tuning gets no input ids
+    and reads the last position, a pad in a right-padded row; ours reads each row's last real token, the same
+    logits the row gives alone (and peft gives it alone)."""
+    theirs = peft_adapter(peft_base(tiny_dir), tmp_path, peft_config("prompt", 3), seed=7)
+    ours = attach_adapter(our_gpt(tiny_dir), *read_adapter(tmp_path)[:2])
+    ids, mask = padded_batch([8, 3], seed=5)
+    mine, peft_logits = both(ours, theirs, ids, mask)
+    alone = both(ours, theirs, ids[1:, :3], mask[1:, :3])
+    torch.testing.assert_close(mine[1:], alone[0], **LOGITS)
+    torch.testing.assert_close(alone[0], alone[1], **LOGITS)
+    assert (peft_logits[1] - mine[1]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("kind,projection", METHODS)
+@pytest.mark.parametrize("norms", [LAYERNORMS, []])
+def test_trainable_parameters_are_pefts(tiny_dir, kind, projection, norms):
+    from peft import get_peft_model
+    ours = our_gpt(tiny_dir)
+    with_virtual_tokens(ours, kind, 7, projection, ["score"], norms, seed=0)
+    theirs = get_peft_model(peft_base(tiny_dir), peft_config(kind, 7, projection, norms or None))
+    count = lambda m: sum(p.numel() for p in m.parameters() if p.requires_grad)  # noqa: E731
+    assert count(ours) == count(theirs)
+    assert count(ours) > 7 * 64
+
+
+@pytest.mark.parametrize("kind,projection", METHODS)
+def test_padding_and_batching_change_nothing(tiny_dir, kind, projection):
+    ours = our_gpt(tiny_dir)
+    with_virtual_tokens(ours, kind, 5, projection, ["score"], LAYERNORMS, seed=2)
+    ids, mask = padded_batch([8, 3, 5], seed=1)
+    with torch.no_grad():
+        batch = ours(ids, mask)
+        for i, n in enumerate([8, 3, 5]):
+            torch.testing.assert_close(batch[i:i + 1], ours(ids[i:i + 1, :n]), **LOGITS)
+
+
+@needs_tokenizer
+def test_text_init_is_pefts(tiny_dir, tmp_path):
+    from conftest import copy_checkpoint
+    base = copy_checkpoint(tiny_dir, tmp_path / "base", with_tokenizer=True)
+    from utils import load_tokenizer
+    text = "Is this sentence grammatical?"
+    theirs = peft_adapter(peft_base(base), tmp_path / "peft",
+                          peft_config("prompt", 9, prompt_tuning_init="TEXT", prompt_tuning_init_text=text,
+                                      tokenizer_name_or_path=str(base)), seed=0)
+    ours = our_gpt(base)
+    init = text_init(ours, load_tokenizer(TOKENIZER_DIR), text, 9)
+    # peft's table was perturbed after its TEXT start: take the perturbation off again.
+    g = torch.Generator().manual_seed(0)
+    perturbations = {n: torch.randn(p.shape, generator=g) * 0.1 for n, p in sorted(theirs.named_parameters())
+                     if p.requires_grad}
+    table = theirs.prompt_encoder.default.embedding.weight - perturbations["prompt_encoder.default.embedding.weight"]
+    torch.testing.assert_close(init, table, rtol=0, atol=1e-6)
+    assert torch.equal(init[6], init[0])  # 6 tokens, repeated to fill 9 rows
+
+
+# --------------------------------------------------------------------------- transformers backbones
+
+HF_METHODS = [("llama", "prompt", None), ("llama", "prefix", None), ("llama", "prefix", 16),
+              ("bert", "prompt", None), ("bert", "prefix", None), ("distilbert", "prompt", None)]
+
+
+PEFT_DIMS = {"distilbert": dict(token_dim=32, num_attention_heads=4)}  # peft cannot read DistilBERT's dim, n_heads
+
+
+def hf_lengths(family, kind):
+    # Peft's decoder with prompt tuning reads the last position: rows of one length there.
+    return (6, 6, 6) if family == "llama" and kind == "prompt" else (7, 3, 5, 1)
+
+
+@pytest.mark.parametrize("family,kind,projection", HF_METHODS)
+def test_hf_adapters_both_ways(tiny, tmp_path, family, kind, projection):
+    from peft import PeftModel
+    model, tok, info = hf_ours(tiny[family])
+    settings = with_virtual_tokens(model, kind, 4, projection, info["head"], info["norms"], seed=3)
+    save_adapter(model.eval(), tmp_path / "ours", settings)
+    theirs = PeftModel.from_pretrained(plain_transformers(tiny[family], family), tmp_path / "ours").eval()
+    ids, mask = hf_batch(family, hf_lengths(family, kind), seed=2)
+    mine, peft_logits = both(model, theirs, ids, mask)
+    torch.testing.assert_close(mine, peft_logits, **LOGITS)
+    assert (without_virtual_tokens(model, ids, mask) - mine).abs().max() > 1e-3
+    # Peft -> ours.
+    theirs = peft_adapter(plain_transformers(tiny[family], family), tmp_path / "peft",
+                          peft_config(kind, 3, projection, info["norms"], **PEFT_DIMS.get(family, {})), seed=4)
+    settings, tensors, _ = read_adapter(tmp_path / "peft")
+    model = attach_adapter(hf_ours(tiny[family])[0], settings, tensors, head_names=info["head"])
+    mine, peft_logits = both(model, theirs, ids, mask)
+    torch.testing.assert_close(mine, peft_logits, **LOGITS)
+
+
+@pytest.mark.parametrize("family,kind", [("llama", "prompt"), ("llama", "prefix"), ("bert", "prefix")])
+def test_hf_padding_changes_nothing(tiny, family, kind):
+    model, tok, info = hf_ours(tiny[family])
+    with_virtual_tokens(model.eval(), kind, 4, None, info["head"], info["norms"], seed=1)
+    ids, mask = hf_batch(family, (7, 3, 5), seed=3)
+    with torch.no_grad():
+        batch = model(ids, mask)
+        for i, n in enumerate((7, 3, 5)):
+            torch.testing.assert_close(batch[i:i + 1], model(ids[i:i + 1, :n], mask[i:i + 1, :n]), **LOGITS)
+
+
+@pytest.mark.parametrize("family,kind", [("llama", "prompt"), ("llama", "prefix"), ("bert", "prompt")])
+@pytest.mark.parametrize("projection", [None, 8])
+def test_hf_trainable_parameters_are_pefts(tiny, family, kind, projection):
+    from peft import get_peft_model
+    if kind == "prompt" and projection:
+        pytest.skip("a prompt has no projection")
+    model, tok, info = hf_ours(tiny[family])
+    with_virtual_tokens(model, kind, 5, projection, info["head"], info["norms"], seed=0)
+    theirs = get_peft_model(plain_transformers(tiny[family], family), peft_config(kind, 5, projection, info["norms"]))
+    count = lambda m: sum(p.numel() for p in m.parameters() if p.requires_grad)  # noqa: E731
+    assert count(model) == count(theirs)
+
+
+def test_prefix_needs_a_cache(tiny):
+    from prompts import check_fits
+    model, tok, info = hf_ours(tiny["distilbert"])
+    with pytest.raises(UserError, match="past_key_values"):
+        check_fits(model, "prefix")
+
+
+def test_attach_rejects_an_adapter_of_another_shape(tiny_dir, tiny, tmp_path):
+    ours = our_gpt(tiny_dir)
+    save_adapter(ours, tmp_path, with_virtual_tokens(ours, "prefix", 3, None, ["score"], [], seed=0))
+    model, tok, info = hf_ours(tiny["llama"])
+    with pytest.raises(UserError, match="layers"):
+        attach_adapter(model, *read_adapter(tmp_path)[:2], head_names=info["head"])
+
+
+# --------------------------------------------------------------------------- generation
+
+@pytest.mark.parametrize("kind", ["prompt", "prefix"])
+def test_generation_with_virtual_tokens_equals_recomputing(tiny_dir, kind):
+    """generate's cache (virtual tokens prefilled, then one token at a time) gives the tokens that recomputing
+    the whole sequence after the virtual tokens at every step gives."""
+    from model import GPT
+    torch.manual_seed(0)
+    model = load_gpt(tiny_dir, cls=GPT).eval()
+    vt = add_virtual_tokens(model, kind, 4)
+    with torch.no_grad():
+        vt.embedding.weight.mul_(0.3)
+    idx = torch.tensor([[11, 22, 33]])
+    new = torch.cat(list(model.generate(idx, 6, temperature=0)))
+    seq = idx
+    with torch.no_grad():
+        for _ in range(6):
+            virtual = {"prompt": vt.prompt(1)} if kind == "prompt" else {"prefix": vt.prefix(1)}
+            nxt = model.lm_head(model.hidden_states(seq, **virtual)[:, -1]).argmax(-1)
+            seq = torch.cat([seq, nxt[:, None]], 1)
+    assert new.tolist() == seq[0, 3:].tolist()
+    # Not vacuous: without the virtual tokens the model writes something else.
+    del model.prompt_encoder
+    assert torch.cat(list(model.generate(idx, 6, temperature=0))).tolist() != new.tolist()
