@@ -246,3 +246,141 @@ def test_generation_with_virtual_tokens_equals_recomputing(tiny_dir, kind):
     # Not vacuous: without the virtual tokens the model writes something else.
     del model.prompt_encoder
     assert torch.cat(list(model.generate(idx, 6, temperature=0))).tolist() != new.tolist()
+
+
+# --------------------------------------------------------------------------- training and resuming
+
+def test_resumed_prefix_projection_run_equals_uninterrupted(tiny_dir, tmp_path):
+    """The projection MLP trains and resumes from last.pt with the table: a cut and resumed run is the whole run."""
+    from test_training import CPU, numbers, separable
+    from train_utils import TrainConfig, fit, trainable_state
+
+    def model(seed):
+        torch.manual_seed(seed)
+        m = our_gpt(tiny_dir)
+        add_virtual_tokens(m, "prefix", 4, 16)
+        mark_trainable(m, head_names=("score", "prompt_encoder"))
+        return m
+
+    train, dev = separable(64, seed=5), separable(32, seed=6)
+    cfg = TrainConfig(epochs=2, lr=1e-2, batch_size=16, seed=21)
+    full_model = model(21)
+    start = {n: p.detach().clone() for n, p in full_model.named_parameters()}
+    full = fit(full_model, train, dev, cfg, CPU, tmp_path / "full")
+    moved = {n for n, p in full_model.named_parameters() if not torch.equal(p, start[n])}
+    assert {"prompt_encoder.embedding.weight", "prompt_encoder.transform.0.weight", "prompt_encoder.transform.2.bias",
+            "score.weight"} <= moved and not any(n.startswith("transformer.wte") for n in moved)
+    fit(model(21), train, dev, cfg, CPU, tmp_path / "cut", stop_after_epoch=1)
+    resumed_model = model(999)
+    resumed = fit(resumed_model, train, dev, cfg, CPU, tmp_path / "cut", resume=True)
+    assert numbers(resumed) == numbers(full)
+    a, b = trainable_state(full_model), trainable_state(resumed_model)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --------------------------------------------------------------------------- the command line
+
+@pytest.fixture(scope="module")
+def cli_runs(tiny_dir, tmp_path_factory):
+    """`run.py LoRA 7 --peft prefix --prefix-projection` (exported for peft) and `--peft prompt --prompt-init`, on
+    the tiny GPT-2 and 200 CoLA sentences, made at the same time: {kind: its directory}."""
+    from conftest import COLA_DIR, ok, run, together
+    tmp = tmp_path_factory.mktemp("prompt-cli")
+    args = lambda kind, *extra: ["LoRA", 7, "--model", tiny_dir, "--data-dir", COLA_DIR, "--limit-train", 200,  # noqa
+                                 "--epochs", 1, "--out-dir", tmp / kind, "--plots-dir", tmp / "plots", "--peft", kind,
+                                 "--num-virtual-tokens", 5, *extra]
+    together(lambda: ok(run(*args("prefix", "--prefix-projection", "--encoder-hidden-size", 24,
+                                  "--export-peft", tmp / "peft"))),
+             lambda: ok(run(*args("prompt", "--prompt-init", "Is this English?"))))
+    return {"prefix": tmp / "prefix", "prompt": tmp / "prompt", "peft": tmp / "peft"}
+
+
+CLI = [pytest.mark.usefixtures("one_thread"), needs_tokenizer, pytest.mark.skipif(
+    not (TOKENIZER_DIR.parent / "cola" / "raw" / "in_domain_train.tsv").exists(), reason="no CoLA here")]
+
+
+def cli(f):
+    for mark in CLI:
+        f = mark(f)
+    return f
+
+
+@cli
+def test_cli_saves_pefts_files_and_peft_reads_them(cli_runs, tiny_dir):
+    import json
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    for kind in ("prefix", "prompt"):
+        config = json.loads((cli_runs[kind] / "adapter_config.json").read_text())
+        assert config["peft_type"] == {"prefix": "PREFIX_TUNING", "prompt": "PROMPT_TUNING"}[kind]
+        assert config["num_virtual_tokens"] == 5 and config["modules_to_save"] == ["score", *LAYERNORMS]
+        tensors = load_file(cli_runs[kind] / "adapter_model.safetensors")
+        assert set(tensors) == {"prompt_embeddings", "base_model.score.weight",
+                                *(f"base_model.transformer.{n}" for n in ["ln_f.weight", "ln_f.bias"]),
+                                *(f"base_model.transformer.h.{i}.{ln}.{w}" for i in range(2)
+                                  for ln in ("ln_1", "ln_2") for w in ("weight", "bias"))}
+        # The prefix is saved projected, (P, layers * 2 * width): no MLP in the file.
+        assert tensors["prompt_embeddings"].shape == ((5, 2 * 2 * 64) if kind == "prefix" else (5, 64))
+    config = json.loads((cli_runs["prefix"] / "adapter_config.json").read_text())
+    assert config["prefix_projection"] and config["encoder_hidden_size"] == 24
+    config = json.loads((cli_runs["prompt"] / "adapter_config.json").read_text())
+    assert config["prompt_tuning_init"] == "TEXT" and config["prompt_tuning_init_text"] == "Is this English?"
+    # peft loads the exported adapter and gives our logits.
+    theirs = PeftModel.from_pretrained(peft_base(tiny_dir), cli_runs["peft"]).eval()
+    ours = attach_adapter(our_gpt(tiny_dir), *read_adapter(cli_runs["prefix"])[:2])
+    mine, peft_logits = both(ours, theirs, *padded_batch([8, 3, 5], seed=9))
+    torch.testing.assert_close(mine, peft_logits, **LOGITS)
+
+
+@cli
+def test_cli_predict_and_gen_put_the_virtual_tokens_first(cli_runs, tiny_dir, tmp_path):
+    from conftest import ok, run
+    from flags import DEFAULT_PROMPT
+    from model import GPT
+    from utils import load_tokenizer
+    sentences = ["The cat sat on the mat.", "Mat the on sat cat the."]
+    (tmp_path / "in.txt").write_text("\n".join(sentences) + "\n")
+    proc = ok(run("predict", 7, "--adapter", f"a={cli_runs['prompt']}", "--adapter", f"b={cli_runs['prefix']}",
+                  "--input", tmp_path / "in.txt"))
+    tok = load_tokenizer(tiny_dir)
+    for line, sentence in zip(proc.stdout.strip().splitlines(), sentences):
+        for name, kind in (("a", "prompt"), ("b", "prefix")):
+            model = attach_adapter(our_gpt(tiny_dir), *read_adapter(cli_runs[kind])[:2])
+            with torch.no_grad():
+                p = model(tok(sentence, return_tensors="pt")["input_ids"]).softmax(-1)[0]
+            label = ["unacceptable", "acceptable"][int(p.argmax())]
+            assert f"{name}: {label} ({float(p.max()):.3f})" in line, line
+    proc = ok(run("gen", 7, "--model", tiny_dir, "--adapter", cli_runs["prompt"], "--max-new-tokens", 4,
+                  "--temperature", 0))
+    assert "5 virtual tokens of prompt tuning before the prompt" in proc.stdout
+    model = attach_adapter(load_gpt(tiny_dir, cls=GPT).eval(), *read_adapter(cli_runs["prompt"])[:2])
+    ids = tok(DEFAULT_PROMPT, return_tensors="pt")["input_ids"]
+    new = [int(t[0]) for t in model.generate(ids, 4, temperature=0, eos_token_id=tok.eos_token_id)]
+    text = tok.decode(new)
+    while text.endswith("\ufffd"):
+        new.pop()
+        text = tok.decode(new)
+    assert proc.stdout.endswith(DEFAULT_PROMPT + text + "\n"), proc.stdout
+
+
+@cli
+def test_cli_refuses_inconsistent_flags(tiny_dir, tiny, tmp_path, cli_runs):
+    from conftest import COLA_DIR, run, together, user_error
+    args = lambda *extra: ["LoRA", 7, "--model", tiny_dir, "--data-dir", COLA_DIR, "--limit-train", 20,  # noqa
+                           "--epochs", 1, "--out-dir", tmp_path / "out", "--plots-dir", tmp_path / "plots", *extra]
+    cases = {
+        ("--num-virtual-tokens", 5): "--num-virtual-tokens does not apply to --peft lora",
+        ("--peft", "prefix", "--prompt-init", "Hello"): "--prompt-init does not apply to --peft prefix",
+        ("--peft", "prompt", "--prefix-projection"): "--prefix-projection does not apply to --peft prompt",
+        ("--peft", "prompt", "--lora-alpha", 8): "--lora-alpha does not apply to --peft prompt",
+        ("--peft", "prefix", "--encoder-hidden-size", 8): "add --prefix-projection",
+        ("--peft", "prompt", "--num-virtual-tokens", 256): "leaves no room for a sentence",
+        ("--peft", "prefix", "--num-virtual-tokens", 200, "--max-length", 100): "less the 200 virtual tokens",
+        ("--peft", "prefix", "--model", tiny["distilbert"]): "past_key_values",
+    }
+    procs = together(*[lambda c=c: run(*args(*c)) for c in cases])
+    for (case, expected), proc in zip(cases.items(), procs):
+        assert expected in user_error(proc), (case, proc.stderr)
+    # Serving mixed batches: not yet, said so.
+    msg = user_error(run("serve", 7, "--adapter", cli_runs["prompt"], "--port", 1))
+    assert "cannot be served mixed yet" in msg
