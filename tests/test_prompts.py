@@ -384,3 +384,8 @@ def test_cli_refuses_inconsistent_flags(tiny_dir, tiny, tmp_path, cli_runs):
     # Serving mixed batches: not yet, said so.
     msg = user_error(run("serve", 7, "--adapter", cli_runs["prompt"], "--port", 1))
     assert "cannot be served mixed yet" in msg
+    # A transformer student copying the teacher's layers: no layer holds the virtual tokens.
+    msg = user_error(run("distil", 7, "--teacher", cli_runs["prompt"], "--student", "transformer", "--student-from",
+                         "teacher", "--student-layers", 1, "--data-dir", COLA_DIR, "--limit-train", 20, "--epochs", 1,
+                         "--models-dir", tmp_path / "models", "--plots-dir", tmp_path / "plots"))
+    assert "whose virtual tokens no layer holds" in msg
