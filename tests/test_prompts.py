@@ -17,6 +17,7 @@ METHODS = [("prompt", None), ("prefix", None), ("prefix", 16)]  # (kind, --encod
 
 def peft_config(kind, n, projection=None, modules_to_save=None, **extra):
     from peft import PrefixTuningConfig, PromptTuningConfig
+    modules_to_save = list(modules_to_save) if modules_to_save else None  # peft extends it in place
     if kind == "prompt":
         return PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=n, modules_to_save=modules_to_save, **extra)
     return PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=n, prefix_projection=bool(projection),
