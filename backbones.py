@@ -147,6 +147,8 @@ class HFClassifier(nn.Module):
         self.training = hf_model.training
 
     def forward(self, input_ids, attention_mask=None):
+        if "prompt_encoder" in self._modules:  # prompt or prefix tuning: prompts.py puts its tokens first
+            return self.prompt_encoder.classify(self, input_ids, attention_mask)
         return self.hf(input_ids=input_ids, attention_mask=attention_mask).logits
 
     def train(self, mode=True):

@@ -59,6 +59,7 @@ class Teacher:
             self.block_size = hf.get("n_positions") or hf.get("max_position_embeddings") or 10**6
         except (OSError, ValueError):
             self.block_size = 10**6
+        self.block_size -= self.settings.get("num_virtual_tokens", 0)  # prompt or prefix tuning's, before the input
         # What decides the logits besides the sentences: base weights, adapter, precision.
         self.id = sha256_files([*weight_files(self.base, self.gguf), self.dir / "adapter_config.json",
                                 self.dir / "adapter_model.safetensors"])
@@ -243,6 +244,10 @@ def transformer_maker(args, teacher, distil):
     layers = pick_layers(n, args.student_layers, args.student_init)
     merged = None
     if args.student_from == "teacher" or (distil and args.kd_hidden):
+        if teacher.settings["kind"] in ("prompt", "prefix"):  # its virtual tokens are in no layer to copy or match
+            raise UserError(f"the teacher {teacher.dir} is {teacher.settings['kind']} tuning, whose virtual tokens no "
+                            f"layer holds: a transformer student starts from its base (--student-from base) and "
+                            f"learns its logits, without --kd-hidden.")
         merged = copy.deepcopy(base) if args.student_from == "base" else base
         try:
             attach_adapter(merged, teacher.settings, teacher.tensors, head_names=info["head"])

@@ -25,7 +25,9 @@ def generate(args):
     seed_everything(args.SR)
     device = pick_device(args.device)
     model, tok = load_model(args, device)
-    ids = encode_prompt(args.prompt, tok, model.config.block_size).to(device)
+    virtual = model._modules.get("prompt_encoder")
+    ids = encode_prompt(args.prompt, tok, model.config.block_size, virtual.num_virtual_tokens if virtual else 0)
+    ids = ids.to(device)
     # Sample i is seeded by (SR, i) alone: the same text whether it is drawn alone or among K.
     gens = [torch.Generator(device=device).manual_seed(sample_seed(args.SR, i)) for i in range(args.num_samples)]
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eos_token_id=tok.eos_token_id)
@@ -52,17 +54,22 @@ def load_model(args, device):
     tok = load_tokenizer(args.tokenizer or extras.get("tokenizer") or model_name)
     if args.adapter:
         attach_adapter(model, settings, tensors)
-        merge_adapters(model)  # inference at base speed
-        print(f"[adapter {args.adapter} merged into {model_name}]")
+        if settings["kind"] in ("prompt", "prefix"):  # nothing to merge: the virtual tokens go before the prompt
+            print(f"[adapter {args.adapter}: {settings['num_virtual_tokens']} virtual tokens of {settings['kind']} "
+                  f"tuning before the prompt, on {model_name}]")
+        else:
+            merge_adapters(model)  # inference at base speed
+            print(f"[adapter {args.adapter} merged into {model_name}]")
     return model.to(device).eval(), tok
 
 
-def encode_prompt(prompt, tok, block_size):
+def encode_prompt(prompt, tok, block_size, virtual=0):
     ids = tok(prompt, return_tensors="pt")["input_ids"]
     if ids.shape[1] == 0:
         raise UserError("--prompt is empty: give at least one word to continue.")
-    if ids.shape[1] >= block_size:
-        raise UserError(f"--prompt is {ids.shape[1]} tokens, the model's block size is {block_size}.")
+    if virtual + ids.shape[1] >= block_size:
+        raise UserError(f"--prompt is {ids.shape[1]} tokens" + (f", after the adapter's {virtual} virtual tokens"
+                        if virtual else "") + f"; the model's block size is {block_size}.")
     return ids
 
 

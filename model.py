@@ -149,11 +149,12 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = Dropout(config.dropout)
         self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
 
-    def forward(self, x, mask=None, cache=None, pos=0, packing=None):
+    def forward(self, x, mask=None, cache=None, pos=0, packing=None, prefix=None):
         """x: (B, T, C), or (N, C) real tokens only when `packing` (a Packing) is given.
-        mask: None (plain causal) or a boolean (B, 1, T, T) 'may attend' mask.
+        mask: None (plain causal) or a boolean (B, 1, T, keys) 'may attend' mask.
         cache: None or a (k, v) pair of preallocated (B, nh, block_size, hs) tensors that this call
-        fills at positions pos..pos+T-1 and then attends over (the KV cache of generation)."""
+        fills at positions pos..pos+T-1 and then attends over (the KV cache of generation).
+        prefix: None or a (k, v) pair (B, nh, P, hs) of keys and values before the tokens' own (prefix tuning)."""
         qkv = self.c_attn(x)
         if packing is not None:
             qkv = packing.unpack(qkv)  # back to (B, T, 3C) for attention, zeros at the pads
@@ -162,10 +163,12 @@ class CausalSelfAttention(nn.Module):
         q, k, v = qkv.split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if cache is not None:
-            assert pos == 0 or T == 1, "the cache is filled by one prefill, then one token at a time"
+            assert pos == 0 or T == 1 or mask is not None, "a prefill after a prefix needs its mask"
             cache[0][:, :, pos:pos + T] = k
             cache[1][:, :, pos:pos + T] = v
             k, v = cache[0][:, :, :pos + T], cache[1][:, :, :pos + T]
+        if prefix is not None:
+            k, v = torch.cat([prefix[0], k], 2), torch.cat([prefix[1], v], 2)
         dropout = self.dropout if self.training else 0.0
         if mask is not None:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
@@ -198,19 +201,20 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, mask=None, cache=None, pos=0, packing=None):
-        x = x + self.attn(self.ln_1(x), mask, cache, pos, packing)
+    def forward(self, x, mask=None, cache=None, pos=0, packing=None, prefix=None):
+        x = x + self.attn(self.ln_1(x), mask, cache, pos, packing, prefix)
         return x + self.mlp(self.ln_2(x))
 
 
-def padding_mask(attention_mask):
-    """(B, T) 1-for-real/0-for-pad -> boolean (B, 1, T, T) mask: causal AND key is real.
+def padding_mask(attention_mask, past=0):
+    """(B, T) 1-for-real/0-for-pad -> boolean (B, 1, T, past + T) mask: causal AND key is real, for tokens
+    at positions past..past+T-1 after `past` keys that are all real (a cache's, a prefix's).
     Every position may also see itself, so a pad row is never all-False (SDPA would give NaN);
     real positions are unaffected, they see themselves anyway."""
-    T = attention_mask.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=attention_mask.device).tril()
-    mask = causal & attention_mask.bool()[:, None, None, :]
-    return mask | torch.eye(T, dtype=torch.bool, device=attention_mask.device)
+    T, device = attention_mask.shape[1], attention_mask.device
+    query, key = torch.arange(past, past + T, device=device)[:, None], torch.arange(past + T, device=device)
+    real = F.pad(attention_mask.bool(), (past, 0), value=True)
+    return (key <= query) & real[:, None, None, :] | (key == query)
 
 
 class Packing:
@@ -268,21 +272,35 @@ class GPT(nn.Module):
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
 
-    def hidden_states(self, idx, attention_mask=None, cache=None, pos=0, packing=None):
+    def hidden_states(self, idx, attention_mask=None, cache=None, pos=0, packing=None, prompt=None, prefix=None):
         """(B, T) token ids -> (B, T, n_embd) final hidden states (after ln_f); with a Packing,
-        (N, n_embd) for the real tokens only (attention_mask is then not needed)."""
+        (N, n_embd) for the real tokens only (attention_mask is then not needed).
+        The virtual tokens of prompts.py, neither with a Packing: prompt (B, P, n_embd), embeddings put before
+        the tokens' own (prompt tuning; the output then has P + T rows); prefix, one (k, v) pair (B, nh, P, hs)
+        a layer that the tokens attend to before themselves, as to a cache (prefix tuning: their positions
+        start at P)."""
         B, T = idx.shape
+        x = self.transformer.wte(idx if packing is None else packing.pack(idx))
+        if prompt is not None:
+            x, T = torch.cat([prompt, x], 1), T + prompt.shape[1]
+            attention_mask = None if attention_mask is None else F.pad(attention_mask, (prompt.shape[1], 0), value=1)
+        if prefix is not None:
+            assert cache is None and pos == 0, "a prefix is the past: no cache besides"
+            pos = prefix[0][0].shape[2]
         assert pos + T <= self.config.block_size, f"sequence of {pos + T} tokens > block_size {self.config.block_size}"
         positions = torch.arange(pos, pos + T, device=idx.device)
         if packing is not None:
-            idx, positions = packing.pack(idx), positions.expand(B, T).reshape(-1)[packing.index]
+            assert prompt is None and prefix is None, "virtual tokens are not packed"
+            positions = positions.expand(B, T).reshape(-1)[packing.index]
             mask = None
+        elif attention_mask is None or bool(attention_mask.all()):
+            # Plain causal attention: SDPA's faster is_causal path, unless several tokens follow a past.
+            mask = None if pos == 0 or T == 1 else padding_mask(idx.new_ones(B, T), past=pos)
         else:
-            # An all-ones mask is plain causal attention: take SDPA's faster is_causal path.
-            mask = None if attention_mask is None or bool(attention_mask.all()) else padding_mask(attention_mask)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
+            mask = padding_mask(attention_mask, past=pos)
+        x = self.transformer.drop(x + self.transformer.wpe(positions))
         for i, block in enumerate(self.transformer.h):
-            x = block(x, mask, None if cache is None else cache[i], pos, packing)
+            x = block(x, mask, None if cache is None else cache[i], pos, packing, None if prefix is None else prefix[i])
         return self.transformer.ln_f(x)
 
     def forward(self, idx, attention_mask=None):
@@ -308,12 +326,15 @@ class GPT(nn.Module):
         list of K generators, one per row, so a sample does not depend on how many are drawn with it."""
         B, T = idx.shape
         assert num_samples == 1 or B == 1, "several samples are drawn from one prompt"
-        max_new_tokens = min(max_new_tokens, self.config.block_size - T)
+        virtual = self._modules.get("prompt_encoder")  # prompt or prefix tuning's tokens before the prompt
+        P = 0 if virtual is None else virtual.num_virtual_tokens
+        max_new_tokens = min(max_new_tokens, self.config.block_size - P - T)
         if max_new_tokens <= 0:
             return
-        cache = self.new_cache(B, T + max_new_tokens)
+        cache = self.new_cache(B, P + T + max_new_tokens)
         # Prefill: only the last position's logits are needed.
-        logits = self.lm_head(self.hidden_states(idx, cache=cache)[:, -1])
+        h = self.hidden_states(idx, cache=cache) if virtual is None else virtual.prefill(self, idx, cache)
+        logits = self.lm_head(h[:, -1])
         if num_samples > 1:  # decoding a batch of K costs about what one row does: it is bound by weight reads
             cache = [(k.expand(num_samples, -1, -1, -1).clone(), v.expand(num_samples, -1, -1, -1).clone())
                      for k, v in cache]
@@ -327,7 +348,7 @@ class GPT(nn.Module):
                 if bool(done.all()):
                     return
             if step + 1 < max_new_tokens:
-                logits = self.lm_head(self.hidden_states(nxt[:, None], cache=cache, pos=T + step)[:, -1])
+                logits = self.lm_head(self.hidden_states(nxt[:, None], cache=cache, pos=P + T + step)[:, -1])
 
     @classmethod
     def from_state_dict(cls, config, sd, **kwargs):
@@ -375,6 +396,8 @@ class GPTClassifier(GPT):
         nn.init.normal_(self.score.weight, std=0.02)
 
     def forward(self, idx, attention_mask=None):
+        if "prompt_encoder" in self._modules:  # prompt or prefix tuning: prompts.py puts its tokens first
+            return self.prompt_encoder.classify(self, idx, attention_mask)
         if attention_mask is not None and Packing.worthwhile(attention_mask):
             # Only the last real token of each row is classified: compute real tokens only.
             packing = Packing(attention_mask)

@@ -214,6 +214,8 @@ def add_adapter(model, name, settings, tensors, head_names=("score",)):
     (kind, target_modules, feedforward_modules, r, lora_alpha, use_rslora; {our parameter name: tensor}), its
     layer norms and head (modules_to_save) kept as its own copies. Everything is checked before anything
     changes: ValueError (the model as it was) when the adapter does not fit. Returns its number of parameters."""
+    if settings["kind"] not in ("lora", "ia3"):
+        raise ValueError(f"{settings['kind']} tuning's virtual tokens cannot be mixed with other adapters' rows yet")
     kind, targets = settings["kind"], settings["target_modules"]
     feedforward = settings.get("feedforward_modules") or ()
     r, alpha = settings.get("r", 4), settings.get("lora_alpha", 4)

@@ -1,5 +1,5 @@
 """Prediction: sentences classified by trained adapters over one base model (LoRA or IA3, ours or peft's,
-swapped in one at a time and merged for base-speed inference) or by students of distil/rnn."""
+swapped in one at a time and merged for base-speed inference; prompt or prefix tuning's virtual tokens put first) or by students of distil/rnn."""
 import sys
 from pathlib import Path
 
@@ -7,6 +7,7 @@ from backbones import load_any_tokenizer, load_classifier
 from data import Examples
 from machine import autocast_dtype, pick_device, seed_everything
 from model import merge_adapters, remove_adapters
+from prompts import remove_virtual_tokens
 from train_utils import predict_logits
 from utils import UserError, attach_adapter, is_student_dir, load_student, read_adapter, tokenizer_fingerprint
 
@@ -89,14 +90,16 @@ def swap_adapter(base, name, adapter, device):
     settings, tensors, extras = adapter
     model, info = base["model"], base["info"]
     remove_adapters(model)
+    remove_virtual_tokens(model)
     model.load_state_dict(base["base_state"], strict=False)
     if label_count(adapter) != base["num_labels"]:
         raise UserError(f"adapter {name} has {label_count(adapter)} labels, the others {base['num_labels']}; "
                         f"predict them in separate runs.")
     attach_adapter(model, settings, tensors, head_names=info["head"])
     model.to(device)
-    merge_adapters(model)
-    return model, base["tok"], extras, min(extras.get("max_length", 1024), info["block_size"])
+    merge_adapters(model)  # virtual tokens (prompt, prefix tuning) do not merge: they stay in front
+    room = info["block_size"] - settings.get("num_virtual_tokens", 0)
+    return model, base["tok"], extras, min(extras.get("max_length", 1024), room)
 
 
 def load_student_classifier(path, tokenizer, device):

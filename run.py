@@ -155,8 +155,10 @@ def build_parser():
         p = sub.add_parser(mode, help=text, **fmt)
         add_common(p)
         add_data(p)
-        p.add_argument("--peft", default="lora", choices=["lora", "dora", "ia3"], help="the adapter method (dora: "
-                       "LoRA with a learned magnitude per output, peft's use_dora; LoRA's flags apply)")
+        p.add_argument("--peft", default="lora", choices=["lora", "dora", "ia3", "prompt", "prefix"] if mode == "LoRA"
+                       else ["lora", "dora", "ia3"], help="the adapter method: LoRA; DoRA (LoRA with a learned magnitude "
+                       "per output, peft's use_dora; LoRA's flags apply); IA3" + ("; or prompt / prefix tuning (virtual "
+                       "tokens before every sentence, peft's PROMPT_TUNING / PREFIX_TUNING)" if mode == "LoRA" else ""))
         p.add_argument("--lora-rank", type=positive(int), default=4, help="r, the rank of the update B @ A")
         p.add_argument("--lora-alpha", type=float, help="default: equal to the rank (scaling 1)")
         p.add_argument("--lora-dropout", type=fraction, default=0.1, help="dropout on the adapter's input")
@@ -167,6 +169,14 @@ def build_parser():
         p.add_argument("--feedforward-modules", nargs="*", help="IA3 only: targets whose input, not output, is "
                        "scaled (default: the family's among the targets; GPT-2: mlp.c_proj)")
         p.add_argument("--no-train-layernorm", action="store_true", help="freeze the layer norms too")
+        p.add_argument("--num-virtual-tokens", type=positive(int), metavar="P", help="--peft prompt|prefix: how many "
+                       "virtual tokens (default: 20, as peft's examples)")
+        p.add_argument("--prompt-init", metavar="TEXT", help="--peft prompt: start the virtual tokens from this text's "
+                       "token embeddings, repeated or cut to P (peft's TEXT init); default: random, N(0, 1) (RANDOM)")
+        p.add_argument("--prefix-projection", action="store_true", help="--peft prefix: train the prefix through an "
+                       "MLP (peft's reparameterisation); saved projected, as peft saves it")
+        p.add_argument("--encoder-hidden-size", type=positive(int), help="--prefix-projection: the MLP's hidden width "
+                       "(default: the model's width)")
         add_training(p, epochs=5, lr=1e-3, batch_size=32, weight_decay=0.01)
         if mode == "LoRA":
             p.add_argument("--out-dir", help="where the adapter, metrics and resume checkpoint go (default: "

@@ -165,6 +165,9 @@ class Service:
             raise UserError(f"{name}: an adapter needs a base model, and this service runs students only; start it "
                             f"with --model or with an adapter among its --adapter flags.")
         settings, tensors, extras = read_adapter(path)
+        if settings["kind"] in ("prompt", "prefix"):
+            raise UserError(f"adapter {name} is {settings['kind']} tuning ({settings['peft_type']}): prompt/prefix "
+                            f"adapters cannot be served mixed yet; classify with it by `run.py predict --adapter`.")
         labels = extras.get("labels") or [f"LABEL_{i}" for i in range(label_count((settings, tensors, {})))]
         rows = next((t.shape[0] for k, t in tensors.items() if k in ("score.weight", "classifier.weight")), len(labels))
         if len(labels) != rows:

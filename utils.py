@@ -273,15 +273,19 @@ def save_adapter(model, out_dir, settings, extras=None):
     """Write the trainable parameters of `model` as a peft adapter (atomically), plus run_config.json."""
     from safetensors.torch import save_file
     adapters = {n: m for n, m in model.named_modules() if hasattr(m, "ia3_l")}
+    virtual = "prompt_encoder" in model._modules  # prompt or prefix tuning: saved as peft saves them (prompts.py)
     tensors = {}
     for name, p in model.named_parameters():
-        if not p.requires_grad:
+        if not p.requires_grad or virtual:
             continue
         t = p.detach().float().cpu().contiguous()
         if name.endswith(".ia3_l"):
             t = t[None, :] if adapters[name[:-len(".ia3_l")]].feedforward else t[:, None]
         key = PEFT_PREFIX + name + (".weight" if name.endswith((".lora_A", ".lora_B")) else "")
         tensors[key] = t.contiguous()
+    if virtual:
+        from prompts import adapter_tensors
+        tensors = adapter_tensors(model)
     out_dir = Path(out_dir)
     atomic_write(out_dir / "adapter_model.safetensors", lambda tmp: save_file(tensors, tmp))
     write_json(out_dir / "adapter_config.json", settings)
@@ -303,6 +307,9 @@ def read_adapter(adapter_dir):
         tensors = load_file(weights)
     except Exception as e:
         raise UserError(f"--adapter {adapter_dir}: could not read it ({type(e).__name__}: {e}).")
+    if settings.get("peft_type") in ("PROMPT_TUNING", "PREFIX_TUNING"):  # virtual tokens: prompts.py
+        from prompts import read_tensors
+        return (*read_tensors(adapter_dir, settings, tensors), read_run_config(d, adapter_dir))
     kind = {"LORA": "dora" if settings.get("use_dora") else "lora", "IA3": "ia3"}.get(settings.get("peft_type"))
     problems = []
     if kind is None:
@@ -322,13 +329,16 @@ def read_adapter(adapter_dir):
         elif name.endswith(".ia3_l"):
             t = t.reshape(-1)
         ours[name] = t
-    extras_path = d / "run_config.json"
+    return {"kind": kind, **settings}, ours, read_run_config(d, adapter_dir)
+
+
+def read_run_config(d, adapter_dir):
+    """Our extras beside a peft adapter (run_config.json), or {}."""
     try:
-        extras = json.loads(extras_path.read_text()) if extras_path.is_file() else {}
+        return json.loads((d / "run_config.json").read_text()) if (d / "run_config.json").is_file() else {}
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"--adapter {adapter_dir}: run_config.json is not valid JSON ({e}); delete it (the adapter "
                         f"then loads like any peft adapter, with labels LABEL_0, LABEL_1) or restore it.")
-    return {"kind": kind, **settings}, ours, extras
 
 
 def attach_adapter(model, settings, tensors, head_names=("score",)):
@@ -337,6 +347,9 @@ def attach_adapter(model, settings, tensors, head_names=("score",)):
     head_names: the classification head's modules, ("score",) for GPT-2; a transformers model's are
     backbones' info["head"] (e.g. pre_classifier and classifier for DistilBERT)."""
     from model import inject_adapters, mark_trainable
+    if settings["kind"] in ("prompt", "prefix"):  # virtual tokens, put before the sentence: prompts.py
+        from prompts import attach_virtual_tokens
+        return attach_virtual_tokens(model, settings, tensors, head_names)
     try:
         inject_adapters(model, settings["kind"], settings["target_modules"], settings.get("feedforward_modules") or (),
                         r=settings.get("r", 4), alpha=settings.get("lora_alpha", 4),
