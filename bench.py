@@ -110,7 +110,7 @@ def main():
     p = parser()
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    tmp = None
+    tmp = None  # a temporary --workdir, removed when main returns
     if args.workdir is None:
         tmp = tempfile.TemporaryDirectory(prefix="bench-gpt2-")
         args.workdir = tmp.name

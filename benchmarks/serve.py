@@ -2,9 +2,13 @@
 and peft's mixed batches (adapter_names=); resident memory with 1, 8, 64 adapters; the HTTP service under load.
 
 The memory figures come from a worker process, `bench.py _serve_memory` (serve_memory_worker), which prints them
-as one JSON line; its imports stay inside the functions, so that it counts serving's memory only.
+as one JSON line; peft and transformers' GPT-2 are imported only where peft's side is built, so that the worker
+counts serving's memory alone.
 """
+import asyncio
+import gc
 import json
+import socket
 import statistics
 import subprocess
 import sys
@@ -13,8 +17,14 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from safetensors.torch import save_file
 
 from benchmarks.common import BENCH, LORA_TARGETS, ROOT, rss_mb, timed
+from data import load_cola
+from model import GPTConfig
+from predict import classify, load_base, swap_adapter
+from serve import Row, Service
+from utils import PEFT_PREFIX, adapter_settings, gpt_config_from_hf, read_adapter, write_json
 
 CPU = torch.device("cpu")
 
@@ -48,9 +58,6 @@ def serve_adapters(args, ckpt, n, layernorms=True):
 
 def write_adapter(args, ckpt, d, g, layernorms):
     """One random adapter (from generator g) into directory d, as `run.py LoRA` writes one."""
-    from safetensors.torch import save_file
-    from model import GPTConfig
-    from utils import PEFT_PREFIX, adapter_settings, gpt_config_from_hf, write_json
     c = gpt_config_from_hf(ckpt) if (Path(ckpt) / "config.json").is_file() else GPTConfig()
     shapes = {"attn.c_attn": (c.n_embd, 3 * c.n_embd), "attn.c_proj": (c.n_embd, c.n_embd),
               "mlp.c_fc": (c.n_embd, 4 * c.n_embd), "mlp.c_proj": (4 * c.n_embd, c.n_embd)}
@@ -77,7 +84,6 @@ def write_adapter(args, ckpt, d, g, layernorms):
 
 
 def serve_sentences(args, n):
-    from data import load_cola
     sentences = load_cola(args.data_dir)["train"][0]
     pick = torch.randperm(len(sentences), generator=torch.Generator().manual_seed(0))[:n].tolist()
     return [sentences[i] for i in pick]
@@ -104,8 +110,6 @@ def ways_to_serve(args, ckpt, names, dirs, sentences):
     """{way: a call serving the batch that way, which returns each request's P(acceptable)}, and the batch's
     tokens. Ours mixed, ours for one adapter, predict's swap-and-merge, and (on the same adapters without layer
     norms, which peft's mixed batches refuse) ours and peft mixed."""
-    from serve import Row
-    from utils import read_adapter
     t, batch = len(names), len(sentences)
     # peft's adapter_names= refuses adapters with layer norms in modules_to_save (its mixed batches take
     # Linear, Embedding and Conv modules only): it is compared on the same adapters without them, as ours.
@@ -134,8 +138,6 @@ def ways_to_serve(args, ckpt, names, dirs, sentences):
 
 def our_service(args, ckpt, adapters):
     """serve.Service over the checkpoint with the adapters [(name, directory)] loaded."""
-    from predict import load_base
-    from serve import Service
     base = load_base({}, SimpleNamespace(model=str(ckpt), tokenizer=args.tokenizer, gguf_file=None), CPU)
     service = Service(base["model"], base["tok"], base["info"], str(ckpt), CPU)
     for name, d in adapters:
@@ -173,7 +175,6 @@ class SwapAndMerge:
     layer norms and head restored, the adapter injected and merged) whenever the adapter changes."""
 
     def __init__(self, args, ckpt, adapters, stream, sentences):
-        from predict import load_base
         flags = SimpleNamespace(model=str(ckpt), tokenizer=args.tokenizer, gguf_file=None)
         self.base, self.adapters = load_base(adapters, flags, CPU), adapters
         self.stream, self.sentences, self.requests = stream, sentences, args.serve_swap_requests
@@ -181,7 +182,6 @@ class SwapAndMerge:
     def __call__(self, grouped):
         """P(acceptable) of the stream's first --serve-swap-requests requests (it is slow), or, grouped, of the
         whole stream first sorted by adapter, as predict does for a file (t swaps)."""
-        from predict import classify, swap_adapter
         stream = self.stream
         n = len(stream) if grouped else min(len(stream), self.requests)
         order = sorted(range(n), key=lambda i: stream[i]) if grouped else list(range(n))
@@ -239,9 +239,6 @@ def bench_memory(args):
 
 def serve_memory_worker(args, ckpt):
     """Resident memory of a serving process with 0, 1, 8 and 64 adapters loaded, as one JSON line."""
-    import gc
-    from predict import load_base
-    from serve import Service
     dirs = serve_adapters(args, ckpt, 64)
     base = load_base({}, SimpleNamespace(model=str(ckpt), tokenizer=args.tokenizer, gguf_file=None), CPU)
     service = Service(base["model"], base["tok"], base["info"], str(ckpt), CPU)
@@ -259,7 +256,6 @@ def serve_memory_worker(args, ckpt):
 
 def bench_under_load(args, ckpt, names, dirs):
     """The HTTP service in its own process, concurrent clients, one input per request."""
-    import asyncio
     port = free_port()
     server = start_server(args, ckpt, port, names, dirs)
     url = f"http://127.0.0.1:{port}"
@@ -284,7 +280,6 @@ def bench_under_load(args, ckpt, names, dirs):
 
 
 def free_port():
-    import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -322,7 +317,6 @@ def random_requests(args, names):
 async def load_clients(url, requests, clients):
     """`clients` asyncio clients at once, each sending its share of `requests` one after another: the
     latencies of the answered requests and the failures."""
-    import asyncio
     import httpx
     latencies, failures = [], []
     queue = list(enumerate(requests))
