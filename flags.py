@@ -9,7 +9,9 @@ DEFAULT_PROMPT = "Once upon a time, in a small village by the sea,"
 # A sweep configuration's keys, and the LoRA flag each one sets.
 SWEEP_KEYS = {"name": None, "peft": "peft", "r": "lora_rank", "alpha": "lora_alpha", "dropout": "lora_dropout",
               "rslora": "rslora", "target_modules": "target_modules", "feedforward_modules": "feedforward_modules",
-              "lr": "lr", "epochs": "epochs", "batch_size": "batch_size", "weight_decay": "weight_decay"}
+              "lr": "lr", "epochs": "epochs", "batch_size": "batch_size", "weight_decay": "weight_decay",
+              "num_virtual_tokens": "num_virtual_tokens", "prompt_init": "prompt_init",
+              "prefix_projection": "prefix_projection", "encoder_hidden_size": "encoder_hidden_size"}
 
 
 def seed_arg(text):

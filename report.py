@@ -79,12 +79,22 @@ def sweep_row(name, run_dir):
     config, history = run
     settings = json.loads((run_dir / "adapter_config.json").read_text())
     b, lora = best(history), settings["peft_type"] == "LORA"
-    return {"name": name, "method": settings["peft_type"], "targets": " ".join(settings["target_modules"]),
+    return {"name": name, "method": method_label(settings), "targets": " ".join(settings.get("target_modules") or []),
             "r": settings["r"] if lora else "", "alpha": settings["lora_alpha"] if lora else "",
             "dropout": settings["lora_dropout"] if lora else "", "trainable": config["trainable_parameters"],
             "total": config["parameters"], "acc": b["dev_acc"], "mcc": b["dev_mcc"], "best_epoch": b["epoch"],
             "epoch_seconds": sum(r["train_seconds"] for r in history) / len(history),
             "adapter_kb": (run_dir / "adapter_model.safetensors").stat().st_size / 1024, "history": history}
+
+
+def method_label(settings):
+    """A peft adapter_config's method, as a table shows it: LORA, DORA, IA3, PROMPT_TUNING (20 tokens), ..."""
+    kind = settings["peft_type"]
+    if kind == "LORA" and settings.get("use_dora"):
+        return "DORA"
+    if settings.get("num_virtual_tokens"):
+        return f"{kind} ({settings['num_virtual_tokens']} tokens)"
+    return kind
 
 
 def run_name(mode, seed, tag=""):

@@ -150,15 +150,15 @@ def build_parser():
 
     for mode, text in (("LoRA", "fine-tune GPT-2 (or another backbone) with LoRA, DoRA or IA3 adapters on CoLA or "
                                  "other data"),
-                       ("sweep", "several LoRA/IA3 configurations (--configs FILE) over one backbone and data set, "
+                       ("sweep", "several PEFT configurations (--configs FILE) over one backbone and data set, "
                                  "compared side by side")):
         p = sub.add_parser(mode, help=text, **fmt)
         add_common(p)
         add_data(p)
-        p.add_argument("--peft", default="lora", choices=["lora", "dora", "ia3", "prompt", "prefix"] if mode == "LoRA"
-                       else ["lora", "dora", "ia3"], help="the adapter method: LoRA; DoRA (LoRA with a learned magnitude "
-                       "per output, peft's use_dora; LoRA's flags apply); IA3" + ("; or prompt / prefix tuning (virtual "
-                       "tokens before every sentence, peft's PROMPT_TUNING / PREFIX_TUNING)" if mode == "LoRA" else ""))
+        p.add_argument("--peft", default="lora", choices=["lora", "dora", "ia3", "prompt", "prefix"],
+                       help="the adapter method: LoRA; DoRA (LoRA with a learned magnitude per output, peft's use_dora; "
+                       "LoRA's flags apply); IA3; or prompt / prefix tuning (virtual tokens before every sentence, "
+                       "peft's PROMPT_TUNING / PREFIX_TUNING)")
         p.add_argument("--lora-rank", type=positive(int), default=4, help="r, the rank of the update B @ A")
         p.add_argument("--lora-alpha", type=float, help="default: equal to the rank (scaling 1)")
         p.add_argument("--lora-dropout", type=fraction, default=0.1, help="dropout on the adapter's input")

@@ -18,11 +18,13 @@ SWEEP_VOLATILE = {"command", "resume", "threads", "device", "plots_dir", "out_di
                   "configs", "export_peft"}
 
 # Each key's check, as its flag would check it.
-CHECKS = {"peft": lambda v: v if v in ("lora", "dora", "ia3") else None, "r": positive(int), "alpha": float,
+CHECKS = {"peft": lambda v: v if v in ("lora", "dora", "ia3", "prompt", "prefix") else None, "r": positive(int), "alpha": float,
           "dropout": fraction, "rslora": lambda v: v if isinstance(v, bool) else None, "lr": positive(float),
           "epochs": positive(int), "batch_size": positive(int), "weight_decay": non_negative,
           "target_modules": lambda v: v if isinstance(v, list) and v and all(isinstance(x, str) for x in v) else None,
-          "feedforward_modules": lambda v: v if isinstance(v, list) and all(isinstance(x, str) for x in v) else None}
+          "feedforward_modules": lambda v: v if isinstance(v, list) and all(isinstance(x, str) for x in v) else None,
+          "num_virtual_tokens": positive(int), "prompt_init": lambda v: v if isinstance(v, str) and v.strip() else None,
+          "prefix_projection": lambda v: v if isinstance(v, bool) else None, "encoder_hidden_size": positive(int)}
 
 
 def run_sweep(args, defaults):
@@ -90,7 +92,8 @@ def read_sweep(path, args):
             if key == "name":
                 continue
             try:
-                checked = CHECKS[key](value if key in ("peft", "rslora", "target_modules", "feedforward_modules")
+                checked = CHECKS[key](value if key in ("peft", "rslora", "target_modules", "feedforward_modules",
+                                                  "prompt_init", "prefix_projection")
                                       else str(value))
             except (argparse.ArgumentTypeError, ValueError):
                 checked = None

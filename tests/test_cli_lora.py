@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 
-from conftest import COLA_DIR, make_adapter, needs_cola, needs_tokenizer, ok, run, together, user_error
+from conftest import COLA_DIR, ROOT, make_adapter, needs_cola, needs_tokenizer, ok, run, together, user_error
 
 COLA_LABELS = ["unacceptable", "acceptable"]
 TIMING = ("train_sentences_per_s", "train_seconds")  # wall-clock, not reproducible
@@ -353,7 +353,11 @@ def sweeps(tiny_dir, tmp_path_factory):
     """The first sweep of each of the two tests below, made at the same time: {name: (directory, args, process)}."""
     configs = {"table": ("configs.yaml", 2,
                          "- {name: small, r: 2, alpha: 4, dropout: 0.0, target_modules: [attn.c_attn]}\n"
-                         "- {peft: ia3, target_modules: [attn.c_attn, mlp.c_proj], feedforward_modules: [mlp.c_proj]}\n"),
+                         "- {peft: ia3, target_modules: [attn.c_attn, mlp.c_proj], feedforward_modules: [mlp.c_proj]}\n"
+                         "- {name: d, peft: dora, r: 2, target_modules: [attn.c_attn]}\n"
+                         "- {name: p, peft: prompt, num_virtual_tokens: 3, prompt_init: a fine film, lr: 0.03}\n"
+                         "- {name: x, peft: prefix, num_virtual_tokens: 2, prefix_projection: true, "
+                         "encoder_hidden_size: 8}\n"),
                "refuses": ("configs.json", 1, '[{"name": "one", "peft": "ia3", "target_modules": ["attn.c_attn"]}]')}
     runs = {}
     for name, (file, epochs, text) in configs.items():
@@ -372,17 +376,37 @@ def sweeps(tiny_dir, tmp_path_factory):
 def test_sweep_writes_its_table_and_does_not_rerun_finished_configs(sweeps):
     tmp_path, args, proc = sweeps["table"]
     proc = ok(proc)
-    assert "sweep: configuration 1/2 small: lora_rank=2, lora_alpha=4.0, lora_dropout=0.0" in proc.stdout
+    assert "sweep: configuration 1/5 small: lora_rank=2, lora_alpha=4.0, lora_dropout=0.0" in proc.stdout
     table = (tmp_path / "plots" / "sweep_5.md").read_text().splitlines()
-    assert table[-2].startswith("| small | LORA | attn.c_attn | 2 | 4.0 | 0.0 | 1,792 | ")
-    assert table[-1].startswith("| 2_ia3 | IA3 | attn.c_attn mlp.c_proj |  |  |  | ")
+    assert table[-5].startswith("| small | LORA | attn.c_attn | 2 | 4.0 | 0.0 | 1,792 | ")
+    assert table[-4].startswith("| 2_ia3 | IA3 | attn.c_attn mlp.c_proj |  |  |  | ")
+    assert table[-3].startswith("| d | DORA | attn.c_attn | 2 | ")
+    assert table[-2].startswith("| p | PROMPT_TUNING (3 tokens) |  |  |  |  | ")
+    assert table[-1].startswith("| x | PREFIX_TUNING (2 tokens) |  |  |  |  | ")
+    assert json.loads((tmp_path / "models" / "sweep_5" / "d" / "adapter_config.json").read_text())["use_dora"]
+    prompt = json.loads((tmp_path / "models" / "sweep_5" / "p" / "adapter_config.json").read_text())
+    assert prompt["prompt_tuning_init"] == "TEXT" and prompt["prompt_tuning_init_text"] == "a fine film"
+    assert json.loads((tmp_path / "models" / "sweep_5" / "x" / "adapter_config.json").read_text())["prefix_projection"]
     rows = (tmp_path / "plots" / "sweep_5.csv").read_text().splitlines()
-    assert rows[0].startswith("name,method,targets,r,alpha,dropout,trainable,") and len(rows) == 3
+    assert rows[0].startswith("name,method,targets,r,alpha,dropout,trainable,") and len(rows) == 6
     assert (tmp_path / "plots" / "sweep_5.png").stat().st_size > 0
     assert len(metrics(tmp_path / "models" / "sweep_5" / "small")) == 2
     again = ok(run(*args))
-    assert again.stdout.count("finished earlier") == 2 and "epoch 1/2" not in again.stdout
+    assert again.stdout.count("finished earlier") == 5 and "epoch 1/2" not in again.stdout
     assert (tmp_path / "plots" / "sweep_5.csv").read_text().splitlines() == rows
+
+
+def test_the_shipped_sweep_files_are_valid():
+    """Every configuration file in sweeps/ passes the checks a sweep makes before it trains."""
+    from argparse import Namespace
+    from sweep import read_sweep
+    files = sorted((ROOT / "sweeps").glob("*.yaml"))
+    assert len(files) >= 4
+    methods = set()
+    for path in files:
+        configs = read_sweep(path, Namespace(peft="lora", lora_rank=4))
+        methods |= {flags.get("peft", "lora") for _, flags in configs}
+    assert methods == {"lora", "dora", "ia3", "prompt", "prefix"}
 
 
 def test_sweep_configs_are_checked_before_anything_trains(tiny_dir, tmp_path):
