@@ -61,7 +61,8 @@ def parser():
     p.add_argument("what", choices=["gen", "lora", "precision", "distil", "backbone", "threads", "serve", "all",
                                          "_lora_worker", "_serve_memory"],
                    help="what to benchmark")
-    p.add_argument("side", nargs="?", choices=["ours", "peft", "ours-dora", "peft-dora"], help=argparse.SUPPRESS)
+    p.add_argument("side", nargs="?", choices=["ours", "peft", "ours-dora", "peft-dora", "ours-prompt", "peft-prompt"],
+                   help=argparse.SUPPRESS)
     p.add_argument("--workdir", help="where the random-weight checkpoint is written, and reused next time; "
                    "None: a temporary directory, removed afterwards")
     p.add_argument("--tokenizer", default=str(ROOT.parent / "shared/data/gpt2-tokenizer"),

@@ -76,21 +76,31 @@ def cola_batches(args):
 
 
 def build_ours(ckpt, kind="lora"):
+    """GPT-2 with LoRA (or DoRA) r=4 on LORA_TARGETS, or 20 virtual tokens of prompt tuning; layer norms and
+    head trained."""
     from model import GPTClassifier, inject_adapters, mark_trainable
+    from prompts import add_virtual_tokens
     from utils import load_gpt
     model = load_gpt(str(ckpt), cls=GPTClassifier, num_labels=2)
-    inject_adapters(model, kind, LORA_TARGETS, r=4, alpha=4.0, dropout=0.1)
-    mark_trainable(model)  # adapters, layer norms and the head
+    if kind == "prompt":
+        add_virtual_tokens(model, "prompt", 20)
+    else:
+        inject_adapters(model, kind, LORA_TARGETS, r=4, alpha=4.0, dropout=0.1)
+    mark_trainable(model, head_names=("score", "prompt_encoder"))  # adapters, layer norms and the head
     return model
 
 
 def build_peft(ckpt, kind="lora"):
-    from peft import LoraConfig, get_peft_model
+    """The same configuration in transformers + peft."""
+    from peft import LoraConfig, PromptTuningConfig, get_peft_model
     from transformers import GPT2ForSequenceClassification
     model = GPT2ForSequenceClassification.from_pretrained(ckpt, num_labels=2, pad_token_id=50256)
+    keep = ["score", "ln_1", "ln_2", "ln_f"]
+    if kind == "prompt":
+        return get_peft_model(model, PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=20,
+                                                        modules_to_save=keep))
     config = LoraConfig(r=4, lora_alpha=4, lora_dropout=0.1, target_modules=LORA_TARGETS, fan_in_fan_out=True,
-                        modules_to_save=["score", "ln_1", "ln_2", "ln_f"], task_type="SEQ_CLS",
-                        use_dora=kind == "dora")
+                        modules_to_save=keep, task_type="SEQ_CLS", use_dora=kind == "dora")
     return get_peft_model(model, config)
 
 
