@@ -5,6 +5,7 @@ The rows come sorted by adapter, so each adapter's rows are one contiguous span:
 states (B, T, C), a pooled (B, C)) or of its packed real tokens ((N, C): GPTClassifier takes the padding out).
 base(x) runs once over all rows; only the low-rank term, the IA3 scaling, a trained layer norm and the head
 run per span, with the operations of one adapter alone (LoRALinear, DoRALinear, IA3Linear): equal to float rounding.
+Prompt and prefix tuning rows (our GPT-2) carry their own virtual tokens, padded and masked: `classify`.
 """
 import copy
 import math
@@ -13,7 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import ADAPTERS, matches
+from model import ADAPTERS, GPT, matches
+from prompts import VirtualTokens, model_dims
 
 
 class Routing:
@@ -201,7 +203,69 @@ class MultiModule(nn.Module):
         return f"copies={sorted(self.copies)}"
 
 
-ROUTED = (MultiAdapterLinear, MultiModule)
+class MultiVirtualTokens(nn.Module):
+    """Prompt and prefix tuning adapters' virtual tokens (prompts.VirtualTokens), one table per adapter, as
+    `model.virtual_tokens`: `classify` puts each row's own before it."""
+
+    def __init__(self):
+        super().__init__()
+        self.tables = {}   # name -> VirtualTokens
+        self.routing = None
+
+    def remove(self, name):
+        self.tables.pop(name, None)
+
+    def extra_repr(self):
+        return f"tables={sorted(self.tables)}"
+
+
+ROUTED = (MultiAdapterLinear, MultiModule, MultiVirtualTokens)
+
+
+def classify(model, idx, attention_mask):
+    """The logits of a routed batch (right padded): model(idx, attention_mask), unless some of its adapters are
+    prompt or prefix tuning; then (our GPT-2) each row runs as its adapter's VirtualTokens.classify runs it
+    alone. A row is [its prompt's P embeddings, its tokens, padding] at positions from its prefix's P (0 without
+    one); each layer's keys are [the prefixes' keys, padded to the longest, the row's own], and a row attends
+    to its own prefix, then causally to its own real tokens; the head reads its last real token. Masked keys
+    weigh exactly 0, so the rows are what they are alone, to float rounding."""
+    virtual = model._modules.get("virtual_tokens")
+    r = None if virtual is None else virtual.routing
+    if r is None or not any(n in virtual.tables for n in r.names):
+        return model(idx, attention_mask)
+    B, T = idx.shape
+    dev, tr, c = idx.device, model.transformer, model.config
+    prompt, prefix = torch.zeros(B, dtype=torch.long), torch.zeros(B, dtype=torch.long)  # each row's P
+    for n, s, e in r.rows:
+        vt = virtual.tables.get(n)
+        if vt is not None:
+            (prompt if vt.kind == "prompt" else prefix)[s:e] = vt.num_virtual_tokens
+    prompt, prefix = prompt.to(dev), prefix.to(dev)
+    L, past = T + int(prompt.max()), int(prefix.max())  # a row's inputs; the keys before them
+    tokens = tr.wte(idx)
+    x = tokens.new_zeros(B, L, c.n_embd)
+    kv = [tokens.new_zeros(2, B, c.n_head, past, c.n_embd // c.n_head) for _ in range(c.n_layer)] if past else None
+    for n, s, e in r.rows:
+        vt = virtual.tables.get(n)
+        P = 0 if vt is None or vt.kind == "prefix" else vt.num_virtual_tokens
+        x[s:e, P:P + T] = tokens[s:e]
+        if P:
+            x[s:e, :P] = vt.prompt(e - s)
+        elif vt is not None:
+            for layer, (k, v) in zip(kv, vt.prefix(e - s)):
+                layer[:, s:e, :, :k.shape[2]] = torch.stack([k, v])
+    ends = prompt + attention_mask.long().sum(1)  # each row's end of real inputs
+    at = torch.arange(L, device=dev)
+    positions = (prefix[:, None] + at).clamp(max=c.block_size - 1)  # only pads go past the end
+    real = at < ends[:, None]
+    own = (at[None, :, None] >= at[None, None, :]) & real[:, None, :] | (at[:, None] == at)[None]
+    seen = (torch.arange(past, device=dev) < prefix[:, None])[:, None, :].expand(B, L, past)
+    mask = torch.cat([seen, own], 2)[:, None]
+    x = tr.drop(x + tr.wpe(positions))
+    for i, block in enumerate(tr.h):
+        x = block(x, mask, None, 0, None, None if kv is None else kv[i])  # kv[i]: (k, v)
+    h = tr.ln_f(x)
+    return model.score(h[torch.arange(B, device=dev), ends - 1])
 
 
 def _set_module(model, name, module):
@@ -212,18 +276,21 @@ def _set_module(model, name, module):
 def add_adapter(model, name, settings, tensors, head_names=("score",)):
     """Add adapter `name` to `model` for mixed batches: settings and tensors as utils.read_adapter gives them
     (kind, target_modules, feedforward_modules, r, lora_alpha, use_rslora; {our parameter name: tensor}), its
-    layer norms and head (modules_to_save) kept as its own copies. Everything is checked before anything
+    layer norms and head (modules_to_save) kept as its own copies; a prompt or prefix adapter's table (our
+    GPT-2 only) in model.virtual_tokens, for `classify`. Everything is checked before anything
     changes: ValueError (the model as it was) when the adapter does not fit. Returns its number of parameters."""
-    if settings["kind"] not in ("lora", "ia3"):
-        raise ValueError(f"{settings['kind']} tuning's virtual tokens cannot be mixed with other adapters' rows yet")
-    kind, targets = settings["kind"], settings["target_modules"]
+    kind, targets = settings["kind"], settings.get("target_modules") or ()
+    table = None
+    if kind in ("prompt", "prefix"):  # virtual tokens: no layer of its own; its head and norms as any adapter's
+        table = virtual_table(model, settings, tensors)
+        tensors = {k: t for k, t in tensors.items() if not k.startswith("prompt_encoder.")}
     feedforward = settings.get("feedforward_modules") or ()
     r, alpha = settings.get("r", 4), settings.get("lora_alpha", 4)
     scaling = alpha / math.sqrt(r) if settings.get("use_rslora") else alpha / r
     modules = dict(model.named_modules())
     layers = [n for n, m in modules.items() if matches(n, targets) and (
         isinstance(m, MultiAdapterLinear) or isinstance(m, nn.Linear) and not isinstance(m, ADAPTERS))]
-    if not layers:
+    if not layers and table is None:
         linears = sorted({n.split(".")[-1] for n, m in modules.items() if isinstance(m, (nn.Linear, MultiAdapterLinear))
                           and not isinstance(modules.get(n.rpartition(".")[0]), MultiAdapterLinear)})
         raise ValueError(f"no linear layer matches its target modules {list(targets)} (this model's linear layers "
@@ -269,7 +336,11 @@ def add_adapter(model, name, settings, tensors, head_names=("score",)):
         raise ValueError(f"it holds no classification head ({', '.join(h + '.weight' for h in head_names)}): it was "
                          f"not trained for sequence classification")
 
-    for n in layers:  # the checks passed: install
+    if table is not None:  # the checks passed: install
+        if "virtual_tokens" not in model._modules:
+            model.virtual_tokens = MultiVirtualTokens()
+        model.virtual_tokens.tables[name] = table
+    for n in layers:
         layer = modules[n]
         if not isinstance(layer, MultiAdapterLinear):
             layer = MultiAdapterLinear(layer)
@@ -293,7 +364,31 @@ def add_adapter(model, name, settings, tensors, head_names=("score",)):
             setattr(own, p, nn.Parameter(t.to(old.device, old.dtype), requires_grad=False))
         wrapper.copies[name] = own
         wrapper._stacked = (None, None)
-    return sum(t.numel() for t in tensors.values())
+    return sum(t.numel() for t in tensors.values()) + (0 if table is None else table.embedding.weight.numel())
+
+
+def virtual_table(model, settings, tensors):
+    """The VirtualTokens of a prompt or prefix adapter (prompts.read_tensors' settings and tensors), checked."""
+    kind = settings["kind"]
+    if not isinstance(model, GPT):
+        raise ValueError(f"{kind} tuning is served in mixed batches on our GPT-2 only, and this base model is a "
+                         f"transformers {type(model.hf).__name__}, whose forward cannot take other virtual tokens "
+                         f"for every row; classify with it alone (`run.py predict --adapter`), or serve it on a GPT-2 "
+                         f"base")
+    dims = model_dims(model, kind)
+    saved = (settings["token_dim"], settings["num_layers"], settings["num_attention_heads"])
+    if saved != dims:
+        raise ValueError(f"its virtual tokens are for {saved[1]} layers, {saved[2]} heads and width {saved[0]}, this "
+                         f"model has {dims[1]}, {dims[2]} and {dims[0]}: it belongs to another model size")
+    vt = VirtualTokens(kind, settings["num_virtual_tokens"], *dims)
+    t = tensors.get("prompt_encoder.embedding.weight")
+    if t is None or t.shape != vt.embedding.weight.shape:
+        raise ValueError(f"its prompt_embeddings are {'missing' if t is None else tuple(t.shape)}, its config says "
+                         f"{tuple(vt.embedding.weight.shape)}: the file is damaged")
+    w = model.transformer.wte.weight
+    with torch.no_grad():
+        vt.embedding.weight.copy_(t)
+    return vt.to(w.device, w.dtype).eval().requires_grad_(False)
 
 
 def remove_adapter(model, name):
@@ -308,7 +403,7 @@ def rename_adapter(model, old, new):
     replaces, under another name, so that a replacement that does not fit leaves the old one in place)."""
     for m in model.modules():
         tables = (m.lora, m.ia3, m.dora) if isinstance(m, MultiAdapterLinear) else (m.copies,) if isinstance(m, MultiModule) \
-            else ()
+            else (m.tables,) if isinstance(m, MultiVirtualTokens) else ()
         for table in tables:
             if old in table:
                 table[new] = table.pop(old)

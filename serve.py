@@ -1,10 +1,11 @@
 """serve: t classification services on one base model, over HTTP (FastAPI + uvicorn).
 
-One process loads one base model and any number of adapters of it (LoRA or IA3, ours or peft's) and of
-students (distil/rnn, which run on their own). Requests that arrive together are batched: one forward of the
-unmerged base model runs every row with its own adapter's terms, layer norms and head (multi_adapter.add_adapter,
-multi_adapter.routed). Read top to bottom: the request and response bodies -> the service (the long-lived model
-object) -> the batcher (a queue drained by one worker) -> the HTTP app -> `run.py serve`.
+One process loads one base model and any number of adapters of it (LoRA, DoRA, IA3, prompt or prefix tuning;
+ours or peft's) and of students (distil/rnn, which run on their own). Requests that arrive together are
+batched: one forward of the unmerged base model runs every row with its own adapter's terms, virtual tokens,
+layer norms and head (multi_adapter.add_adapter, multi_adapter.routed, multi_adapter.classify). Read top to
+bottom: the request and response bodies -> the service (the long-lived model object) -> the batcher (a queue
+drained by one worker) -> the HTTP app -> `run.py serve`.
 
     POST   /classify         {"inputs": [{"adapter": "cola", "text": "..."}, ...]} -> {"outputs": [...]}
     GET    /health           {"status": "ok", ...}
@@ -31,9 +32,10 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field, StrictStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from multi_adapter import Routing, add_adapter, remove_adapter, rename_adapter, routed
+from multi_adapter import Routing, add_adapter, classify, remove_adapter, rename_adapter, routed
 from utils import UserError, is_student_dir, read_adapter
 
+METHODS = {"lora": "LoRA", "dora": "DoRA", "ia3": "IA3", "prompt": "prompt tuning", "prefix": "prefix tuning"}
 NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")  # an adapter's name: a URL path segment, no '..' tricks
 MAX_TEXT_CHARS = 20_000  # a sentence is truncated to the adapter's max_length tokens anyway
 log = logging.getLogger("serve")
@@ -64,7 +66,8 @@ class ClassifyResponse(BaseModel):
 class AdapterInfo(BaseModel):
     name: str
     kind: str = Field(description="adapter (runs on the shared base model) or student (runs on its own)")
-    method: str = Field(description="LoRA, IA3, or the student's kind (its recurrent cell, or its transformer layers)")
+    method: str = Field(description="LoRA, DoRA, IA3, prompt or prefix tuning, or the student's kind (its recurrent "
+                                    "cell, or its transformer layers)")
     rank: int | None = None
     task: str | None = None
     labels: list[str]
@@ -165,20 +168,19 @@ class Service:
             raise UserError(f"{name}: an adapter needs a base model, and this service runs students only; start it "
                             f"with --model or with an adapter among its --adapter flags.")
         settings, tensors, extras = read_adapter(path)
-        if settings["kind"] in ("prompt", "prefix"):
-            raise UserError(f"adapter {name} is {settings['kind']} tuning ({settings['peft_type']}): prompt/prefix "
-                            f"adapters cannot be served mixed yet; classify with it by `run.py predict --adapter`.")
         labels = extras.get("labels") or [f"LABEL_{i}" for i in range(label_count((settings, tensors, {})))]
         rows = next((t.shape[0] for k, t in tensors.items() if k in ("score.weight", "classifier.weight")), len(labels))
         if len(labels) != rows:
             raise UserError(f"adapter {name}: its run_config.json names {len(labels)} labels, its head has {rows} "
                             f"rows; they must agree.")
-        info = AdapterInfo(name=name, kind="adapter", method={"lora": "LoRA", "dora": "DoRA", "ia3": "IA3"}[settings["kind"]],
-                           rank=settings.get("r") if settings["kind"] != "ia3" else None, task=extras.get("task"),
+        info = AdapterInfo(name=name, kind="adapter", method=METHODS[settings["kind"]],
+                           rank=settings.get("r") if settings["kind"] in ("lora", "dora") else None,
+                           task=extras.get("task"),
                            labels=labels, base=extras.get("model") or settings.get("base_model_name_or_path"),
                            parameters=sum(t.numel() for t in tensors.values()),
                            size=sum(t.numel() * t.element_size() for t in tensors.values()))
-        max_length = min(extras.get("max_length") or 1024, self.info["block_size"])
+        virtual = settings.get("num_virtual_tokens") or 0  # prompt and prefix tuning's, before every sentence
+        max_length = min(extras.get("max_length") or 1024, self.info["block_size"] - virtual)
         with self.lock:
             new = name + "\0new"  # added beside the one it replaces, which stays when the new one does not fit
             try:
@@ -261,7 +263,7 @@ class Service:
             ids[r, :len(s)] = torch.tensor(s)
         mask = (torch.arange(T)[None] < lengths[:, None]).long()
         with routed(model, Routing(spans, lengths)), autocast(self.device, self.amp):
-            logits = model(ids.to(self.device), mask.to(self.device))
+            logits = classify(model, ids.to(self.device), mask.to(self.device))
         probs = logits.float().softmax(-1).cpu()
         for (n, s, e) in spans:
             labels = self.loaded[n].info.labels

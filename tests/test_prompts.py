@@ -380,9 +380,10 @@ def test_cli_refuses_inconsistent_flags(tiny_dir, tiny, tmp_path, cli_runs):
     procs = together(*[lambda c=c: run(*args(*c)) for c in cases])
     for (case, expected), proc in zip(cases.items(), procs):
         assert expected in user_error(proc), (case, proc.stderr)
-    # Serving mixed batches: not yet, said so.
-    msg = user_error(run("serve", 7, "--adapter", cli_runs["prompt"], "--port", 1))
-    assert "cannot be served mixed yet" in msg
+    # Serving in mixed batches: on our GPT-2 (test_serve.py); on a transformers backbone refused, saying why.
+    msg = user_error(run("serve", 7, "--model", tiny["llama"], "--tokenizer", tiny["llama"], "--adapter",
+                         cli_runs["prompt"], "--port", 1))
+    assert "our GPT-2 only" in msg and "run.py predict" in msg
     # A transformer student copying the teacher's layers: no layer holds the virtual tokens.
     msg = user_error(run("distil", 7, "--teacher", cli_runs["prompt"], "--student", "transformer", "--student-from",
                          "teacher", "--student-layers", 1, "--data-dir", COLA_DIR, "--limit-train", 20, "--epochs", 1,

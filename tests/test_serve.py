@@ -32,6 +32,18 @@ def make_adapter(base_dir, out_dir, kind, targets, feedforward=(), layernorms=Tr
                             task="test")
 
 
+def make_virtual_adapter(base_dir, out_dir, kind, n, seed):
+    """A prompt or prefix tuning adapter of n virtual tokens (head and layer norms trained), as `run.py LoRA
+    --peft prompt|prefix` saves it."""
+    from test_prompts import our_gpt, with_virtual_tokens
+    from utils import save_adapter
+    model = our_gpt(base_dir)
+    settings = with_virtual_tokens(model, kind, n, None, ["score"], ["ln_1", "ln_2", "ln_f"], seed)
+    save_adapter(model, out_dir, settings, {"model": str(base_dir), "tokenizer": str(base_dir), "labels": COLA,
+                                            "max_length": 128, "task": "test"})
+    return out_dir
+
+
 def make_peft_adapter(base_dir, out_dir):
     """A LoRA adapter that peft itself makes and saves (layer norms and head in modules_to_save), and that
     peft model, for its own outputs."""
@@ -253,6 +265,81 @@ def test_a_dora_adapter_over_http_in_a_mixed_request_equals_predict(server, adap
                 assert max(abs(o["probabilities"][k] - float(q)) for k, q in zip(COLA, p)) <= 1e-5, (name, o, p)
     finally:
         assert call(server + "/adapters/dora", "DELETE")[0] == 200
+
+
+def test_prompt_and_prefix_adapters_mixed_with_lora_and_ia3_equal_each_alone(tiny_dir, adapters):
+    """multi_adapter.classify: rows of a prompt adapter (5 virtual tokens), a prefix adapter (3), a LoRA and an
+    IA3 adapter, and the base model's (no adapter), in one batch, each row its adapter's logits alone
+    (prompts.VirtualTokens.classify, tested against peft)."""
+    from model import GPTClassifier
+    from multi_adapter import Routing, add_adapter, classify, routed
+    from test_prompts import without_virtual_tokens
+    from utils import attach_adapter, load_gpt, load_tokenizer, read_adapter
+    root, made = adapters
+    dirs = {"p": make_virtual_adapter(tiny_dir, root.parent / "prompt-p", "prompt", 5, seed=1),
+            "f": make_virtual_adapter(tiny_dir, root.parent / "prefix-f", "prefix", 3, seed=2),
+            "a": made["a"], "b": made["b"]}
+    tok = load_tokenizer(tiny_dir)
+    model = load_gpt(tiny_dir, cls=GPTClassifier, num_labels=2).eval()
+    for name, path in dirs.items():
+        add_adapter(model, name, *read_adapter(path)[:2])
+    names = [*dirs, "base"]  # "base": rows of no adapter
+    rows = [(names[(i + j) % len(names)], s) for i, s in enumerate(SENTENCES) for j in range(2)]
+    order = sorted(range(len(rows)), key=lambda i: names.index(rows[i][0]))
+    enc = tok([rows[i][1] for i in order], padding=True, return_tensors="pt")
+    spans, start = [], 0
+    for name in names:
+        n = sum(rows[i][0] == name for i in order)
+        spans.append((name, start, start + n))
+        start += n
+    with torch.no_grad(), routed(model, Routing(spans, enc["attention_mask"].sum(1))):
+        mixed = classify(model, enc["input_ids"], enc["attention_mask"])
+    for k, i in enumerate(order):
+        name, text = rows[i]
+        alone = model  # unrouted: the base model, its own head
+        if name != "base":
+            alone = attach_adapter(load_gpt(tiny_dir, cls=GPTClassifier, num_labels=2).eval(),
+                                   *read_adapter(dirs[name])[:2])
+        ids = tok(text, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            want = alone(ids)[0]
+        torch.testing.assert_close(mixed[k], want, rtol=1e-5, atol=1e-5, msg=f"{name}: {text}")
+        if name in ("p", "f"):  # not vacuous: the virtual tokens move the logits
+            assert (without_virtual_tokens(alone, ids, None)[0] - want).abs().max() > 1e-3
+
+
+def test_prompt_and_prefix_adapters_over_http_in_a_mixed_request_equal_predict(server, adapters, tiny_dir):
+    root, made = adapters
+    make_virtual_adapter(tiny_dir, root / "prompt", "prompt", 4, seed=3)
+    make_virtual_adapter(tiny_dir, root / "prefix", "prefix", 6, seed=4)
+    for name, method in (("prompt", "prompt tuning"), ("prefix", "prefix tuning")):
+        status, info = call(server + f"/adapters/{name}", "PUT")
+        assert status == 201 and info["method"] == method and info["rank"] is None, info
+    try:
+        inputs = [{"adapter": n, "text": s} for s in SENTENCES for n in ("prompt", "a", "prefix", "b", "s")]
+        status, body = call(server + "/classify", "POST", {"inputs": inputs})
+        assert status == 200, body
+        for name, path in (("prompt", root / "prompt"), ("prefix", root / "prefix"), ("a", made["a"]),
+                           ("b", made["b"]), ("s", made["s"])):
+            got = [o for x, o in zip(inputs, body["outputs"]) if x["adapter"] == name]
+            for o, p in zip(got, predicted(tiny_dir, path, SENTENCES)):
+                assert max(abs(o["probabilities"][k] - float(q)) for k, q in zip(COLA, p)) <= 1e-5, (name, o, p)
+    finally:
+        for name in ("prompt", "prefix"):
+            assert call(server + f"/adapters/{name}", "DELETE")[0] == 200
+
+
+def test_virtual_tokens_on_a_transformers_backbone_are_refused_in_one_paragraph(tmp_path):
+    """Mixed prompt/prefix rows run on our GPT-2 only: on a transformers backbone, a ValueError saying what, why
+    and what to do (serve: exit 2 at start, 422 at PUT), the model unchanged."""
+    from backbones import load_hf_classifier
+    from multi_adapter import add_adapter
+    from test_backbones import save_tiny
+    model = load_hf_classifier(save_tiny(tmp_path, "llama"), 2)[0]
+    settings = {"kind": "prompt", "num_virtual_tokens": 2, "token_dim": 32, "num_layers": 2, "num_attention_heads": 4}
+    with pytest.raises(ValueError, match="our GPT-2 only.*run.py predict") as e:
+        add_adapter(model, "p", settings, {"prompt_encoder.embedding.weight": torch.zeros(2, 32)})
+    assert "\n" not in str(e.value) and "virtual_tokens" not in model._modules
 
 
 def test_concurrent_requests_share_batches(server):
