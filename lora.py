@@ -14,9 +14,6 @@ from train_utils import print_config, train_run
 from utils import RunLock, UserError, adapter_settings, atomic_write, check_writable, save_adapter
 
 
-METHODS = {"lora": "LoRA", "dora": "DoRA", "ia3": "IA3", "prompt": "prompt tuning", "prefix": "prefix tuning"}
-
-
 def train_lora(args):
     """`run.py LoRA` (and each configuration of a sweep): one adapter trained on one task."""
     if args.peft == "ia3" and (args.rslora or args.lora_alpha is not None):
@@ -69,7 +66,7 @@ def train_lora(args):
                             f"{' '.join(info['lora_targets'] or ['q_proj', 'v_proj'])}.")
     mark_trainable(model, train_layernorm=not args.no_train_layernorm, head_names=heads)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"parameters: {total:,} in {args.model}; trainable with {METHODS[args.peft]}: {trainable:,} "
+    print(f"parameters: {total:,} in {args.model}; trainable with {args.peft.upper()}: {trainable:,} "
           f"({100 * trainable / total:.3f}% of the model, a {100 * (1 - trainable / total):.2f}% reduction)")
     model.to(device)
 

@@ -12,7 +12,7 @@ from model import (GPT, GPT2_TARGETS, DoRALinear, GPTClassifier, GPTConfig, IA3L
 from utils import UserError, adapter_settings, attach_adapter, load_gpt, read_adapter, save_adapter
 
 PAD = 50256  # GPT-2's EOS, the pad token of GPT2ForSequenceClassification here
-LAYERNORMS = ["ln_1", "ln_2", "ln_f"]
+LAYERNORMS = ("ln_1", "ln_2", "ln_f")  # a tuple: peft extends a modules_to_save list in place
 # Logits of the tiny models here (|x| <= 1) after two layers of float32 sums of <= 256 terms: two computations of
 # them in different orders (ours and transformers' or peft's, merged and not, padded and alone) differ by a few
 # ulps, ~1e-7 (measured <= 3e-7); a wrong weight, mask or adapter moves them by > 1e-3.
@@ -473,7 +473,8 @@ def test_ia3_adapters_both_ways(tiny_dir, tmp_path):
 def dora_config(rslora=False, modules_to_save=LAYERNORMS):
     from peft import LoraConfig
     return LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=list(GPT2_TARGETS), fan_in_fan_out=True,
-                      use_rslora=rslora, use_dora=True, modules_to_save=modules_to_save)
+                      use_rslora=rslora, use_dora=True,
+                      modules_to_save=list(modules_to_save) if modules_to_save else None)  # a copy: peft extends it
 
 
 @pytest.mark.parametrize("rslora", [False, True])
