@@ -363,7 +363,9 @@ def test_cli_predict_and_gen_put_the_virtual_tokens_first(cli_runs, tiny_dir, tm
 
 
 @cli
-def test_cli_refuses_inconsistent_flags(tiny_dir, tiny, tmp_path, cli_runs):
+def test_cli_refuses_inconsistent_flags(tiny_dir, tiny, tmp_path, cli_runs, capsys):
+    """Each refused before training, in this process (run.main, as the command line runs it)."""
+    import run as cli
     from conftest import COLA_DIR, run, together, user_error
     args = lambda *extra: ["LoRA", 7, "--model", tiny_dir, "--data-dir", COLA_DIR, "--limit-train", 20,  # noqa
                            "--epochs", 1, "--out-dir", tmp_path / "out", "--plots-dir", tmp_path / "plots", *extra]
@@ -377,15 +379,19 @@ def test_cli_refuses_inconsistent_flags(tiny_dir, tiny, tmp_path, cli_runs):
         ("--peft", "prefix", "--num-virtual-tokens", 200, "--max-length", 100): "less the 200 virtual tokens",
         ("--peft", "prefix", "--model", tiny["distilbert"]): "past_key_values",
     }
-    procs = together(*[lambda c=c: run(*args(*c)) for c in cases])
-    for (case, expected), proc in zip(cases.items(), procs):
-        assert expected in user_error(proc), (case, proc.stderr)
+    for case, expected in cases.items():
+        assert cli.main([str(a) for a in args(*case)]) == 2, case
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and expected in err, (case, err)
+    assert not (tmp_path / "out").exists()
     # Serving in mixed batches: on our GPT-2 (test_serve.py); on a transformers backbone refused, saying why.
-    msg = user_error(run("serve", 7, "--model", tiny["llama"], "--tokenizer", tiny["llama"], "--adapter",
-                         cli_runs["prompt"], "--port", 1))
-    assert "our GPT-2 only" in msg and "run.py predict" in msg
     # A transformer student copying the teacher's layers: no layer holds the virtual tokens.
-    msg = user_error(run("distil", 7, "--teacher", cli_runs["prompt"], "--student", "transformer", "--student-from",
-                         "teacher", "--student-layers", 1, "--data-dir", COLA_DIR, "--limit-train", 20, "--epochs", 1,
-                         "--models-dir", tmp_path / "models", "--plots-dir", tmp_path / "plots"))
-    assert "whose virtual tokens no layer holds" in msg
+    serve, distil = together(
+        lambda: run("serve", 7, "--model", tiny["llama"], "--tokenizer", tiny["llama"], "--adapter", cli_runs["prompt"],
+                    "--port", 1),
+        lambda: run("distil", 7, "--teacher", cli_runs["prompt"], "--student", "transformer", "--student-from",
+                    "teacher", "--student-layers", 1, "--data-dir", COLA_DIR, "--limit-train", 20, "--epochs", 1,
+                    "--models-dir", tmp_path / "models", "--plots-dir", tmp_path / "plots"))
+    msg = user_error(serve)
+    assert "our GPT-2 only" in msg and "run.py predict" in msg
+    assert "whose virtual tokens no layer holds" in user_error(distil)
