@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model import GPT, mark_trainable
-from utils import UserError
+from utils import UserError, matched_state
 
 PEFT_TYPES = {"prompt": "PROMPT_TUNING", "prefix": "PREFIX_TUNING"}
 DEFAULT_TOKENS = 20  # peft's examples' and the prompt-tuning paper's usual length
@@ -234,24 +234,8 @@ def attach_virtual_tokens(model, settings, tensors, head_names=("score",)):
     if table.shape != vt.embedding.weight.shape:
         raise UserError(f"the adapter's prompt_embeddings have shape {tuple(table.shape)}, its config says "
                         f"{tuple(vt.embedding.weight.shape)}: the file is damaged.")
-    params = dict(model.named_parameters())
-    state = {}
-    for name, t in tensors.items():
-        if name.startswith("prompt_encoder."):
-            continue
-        if name not in params:
-            if name.split(".")[0] in head_names:
-                continue
-            raise UserError(f"adapter tensor {name} has no place in this model: the adapter was trained on "
-                            f"another architecture; pass the base model it was trained on with --model.")
-        if params[name].shape != t.shape:
-            raise UserError(f"adapter tensor {name} has shape {tuple(t.shape)}, the model expects "
-                            f"{tuple(params[name].shape)}: the adapter belongs to another model size.")
-        state[name] = t
-    heads = [h for h in head_names if isinstance(getattr(model, h, None), nn.Module)]
-    if any(f"{h}.{p}" not in state for h in heads for p, _ in getattr(model, h).named_parameters()):
-        raise UserError(f"the adapter holds no classification head ({', '.join(h + '.weight' for h in heads)}): "
-                        f"it was not trained for sequence classification.")
+    state = matched_state(model, {k: t for k, t in tensors.items() if not k.startswith("prompt_encoder.")},
+                          head_names)
     model.load_state_dict(state, strict=False)
     with torch.no_grad():
         vt.embedding.weight.copy_(table)

@@ -341,23 +341,10 @@ def read_run_config(d, adapter_dir):
                         f"then loads like any peft adapter, with labels LABEL_0, LABEL_1) or restore it.")
 
 
-def attach_adapter(model, settings, tensors, head_names=("score",)):
-    """Inject the adapter that `settings` describes into `model` and load its tensors. Every tensor must
-    find its parameter, except heads the model lacks (a classifier's `score` when generating).
-    head_names: the classification head's modules, ("score",) for GPT-2; a transformers model's are
-    backbones' info["head"] (e.g. pre_classifier and classifier for DistilBERT)."""
-    from model import inject_adapters, mark_trainable
-    if settings["kind"] in ("prompt", "prefix"):  # virtual tokens, put before the sentence: prompts.py
-        from prompts import attach_virtual_tokens
-        return attach_virtual_tokens(model, settings, tensors, head_names)
-    try:
-        inject_adapters(model, settings["kind"], settings["target_modules"], settings.get("feedforward_modules") or (),
-                        r=settings.get("r", 4), alpha=settings.get("lora_alpha", 4),
-                        dropout=settings.get("lora_dropout", 0.0), rslora=settings.get("use_rslora", False))
-    except ValueError as e:  # the adapter's target_modules name no layer of this model
-        raise UserError(f"the adapter does not fit this model ({e}): it was trained on another architecture; "
-                        f"pass the base model it was trained on with --model.")
-    names = set(mark_trainable(model, train_layernorm=False, head_names=head_names))
+def matched_state(model, tensors, head_names):
+    """{parameter name: tensor}: the adapter's tensors, each checked to have its place and shape in `model`
+    (a head the model lacks is left out: a classifier's `score` when generating), and every parameter of the
+    model's heads among them. UserError, saying what to do, otherwise."""
     params = dict(model.named_parameters())
     state = {}
     for name, t in tensors.items():
@@ -375,6 +362,27 @@ def attach_adapter(model, settings, tensors, head_names=("score",)):
     if any(f"{h}.{n}" not in state for h in heads for n, _ in getattr(model, h).named_parameters()):
         raise UserError(f"the adapter holds no classification head ({', '.join(h + '.weight' for h in heads)}): "
                         f"it was not trained for sequence classification.")
+    return state
+
+
+def attach_adapter(model, settings, tensors, head_names=("score",)):
+    """Inject the adapter that `settings` describes into `model` and load its tensors. Every tensor must
+    find its parameter, except heads the model lacks (a classifier's `score` when generating).
+    head_names: the classification head's modules, ("score",) for GPT-2; a transformers model's are
+    backbones' info["head"] (e.g. pre_classifier and classifier for DistilBERT)."""
+    from model import inject_adapters, mark_trainable
+    if settings["kind"] in ("prompt", "prefix"):  # virtual tokens, put before the sentence: prompts.py
+        from prompts import attach_virtual_tokens
+        return attach_virtual_tokens(model, settings, tensors, head_names)
+    try:
+        inject_adapters(model, settings["kind"], settings["target_modules"], settings.get("feedforward_modules") or (),
+                        r=settings.get("r", 4), alpha=settings.get("lora_alpha", 4),
+                        dropout=settings.get("lora_dropout", 0.0), rslora=settings.get("use_rslora", False))
+    except ValueError as e:  # the adapter's target_modules name no layer of this model
+        raise UserError(f"the adapter does not fit this model ({e}): it was trained on another architecture; "
+                        f"pass the base model it was trained on with --model.")
+    names = set(mark_trainable(model, train_layernorm=False, head_names=head_names))
+    state = matched_state(model, tensors, head_names)
     lost = [n for n in names if n not in state and not set(n.split(".")[:-1]) & set(head_names)]  # heads: above
     if lost:
         raise UserError(f"the adapter file lacks {len(lost)} adapter tensors (e.g. {lost[0]}): it is incomplete.")
