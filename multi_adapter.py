@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model import ADAPTERS, GPT, matches
-from prompts import VirtualTokens, model_dims
+from prompts import saved_tokens
 
 
 class Routing:
@@ -369,26 +369,13 @@ def add_adapter(model, name, settings, tensors, head_names=("score",)):
 
 def virtual_table(model, settings, tensors):
     """The VirtualTokens of a prompt or prefix adapter (prompts.read_tensors' settings and tensors), checked."""
-    kind = settings["kind"]
     if not isinstance(model, GPT):
-        raise ValueError(f"{kind} tuning is served in mixed batches on our GPT-2 only, and this base model is a "
-                         f"transformers {type(model.hf).__name__}, whose forward cannot take other virtual tokens "
-                         f"for every row; classify with it alone (`run.py predict --adapter`), or serve it on a GPT-2 "
-                         f"base")
-    dims = model_dims(model, kind)
-    saved = (settings["token_dim"], settings["num_layers"], settings["num_attention_heads"])
-    if saved != dims:
-        raise ValueError(f"its virtual tokens are for {saved[1]} layers, {saved[2]} heads and width {saved[0]}, this "
-                         f"model has {dims[1]}, {dims[2]} and {dims[0]}: it belongs to another model size")
-    vt = VirtualTokens(kind, settings["num_virtual_tokens"], *dims)
-    t = tensors.get("prompt_encoder.embedding.weight")
-    if t is None or t.shape != vt.embedding.weight.shape:
-        raise ValueError(f"its prompt_embeddings are {'missing' if t is None else tuple(t.shape)}, its config says "
-                         f"{tuple(vt.embedding.weight.shape)}: the file is damaged")
-    w = model.transformer.wte.weight
-    with torch.no_grad():
-        vt.embedding.weight.copy_(t)
-    return vt.to(w.device, w.dtype).eval().requires_grad_(False)
+        raise ValueError(f"{settings['kind']} tuning is served in mixed batches on our GPT-2 only, and this base "
+                         f"model is a transformers {type(model.hf).__name__}, whose forward cannot take other virtual "
+                         f"tokens for every row; classify with it alone (`run.py predict --adapter`), or serve it on a "
+                         f"GPT-2 base")
+    vt = saved_tokens(model, settings, tensors)
+    return vt.to(dtype=model.transformer.wte.weight.dtype).eval().requires_grad_(False)
 
 
 def remove_adapter(model, name):

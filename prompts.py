@@ -216,29 +216,40 @@ def read_tensors(where, settings, tensors):
     return {"kind": kind, **settings}, ours
 
 
+def saved_tokens(model, settings, tensors):
+    """The VirtualTokens of a prompt or prefix adapter's files (read_tensors' settings and tensors) for `model`:
+    its table loaded, without projection (peft's inference mode), on the model's device. ValueError, saying
+    why, when the table does not fit the model."""
+    kind = settings["kind"]
+    dims = model_dims(model, kind)
+    saved = (settings["token_dim"], settings["num_layers"], settings["num_attention_heads"])
+    if saved != dims:
+        raise ValueError(f"its virtual tokens are for a model of {saved[1]} layers, {saved[2]} heads and width "
+                         f"{saved[0]}, this one has {dims[1]}, {dims[2]} and {dims[0]}: it belongs to another model")
+    vt = VirtualTokens(kind, settings["num_virtual_tokens"], *dims)
+    table = tensors.get("prompt_encoder.embedding.weight")
+    if table is None or table.shape != vt.embedding.weight.shape:
+        raise ValueError(f"its prompt_embeddings are {'missing' if table is None else tuple(table.shape)}, its "
+                         f"config says {tuple(vt.embedding.weight.shape)}: the file is damaged")
+    with torch.no_grad():
+        vt.embedding.weight.copy_(table)
+    return vt.to(word_embeddings(model).weight.device)
+
+
 def attach_virtual_tokens(model, settings, tensors, head_names=("score",)):
     """Load a prompt or prefix adapter (read_tensors') into `model`: its table as a VirtualTokens without
     projection (peft's inference mode), its head and layer norms in place. Every tensor must find its
     parameter, except heads the model lacks (a classifier's `score` when generating)."""
-    kind, n = settings["kind"], settings["num_virtual_tokens"]
-    dims = model_dims(model, kind)
-    saved = (settings["token_dim"], settings["num_layers"], settings["num_attention_heads"])
-    if saved != dims:
-        raise UserError(f"the {settings['peft_type']} adapter is for a model of {saved[1]} layers, {saved[2]} heads and "
-                        f"width {saved[0]}, this one has {dims[1]}, {dims[2]} and {dims[0]}: pass the base model it "
+    try:
+        vt = saved_tokens(model, settings, tensors)
+    except ValueError as e:
+        raise UserError(f"the {settings['peft_type']} adapter does not fit this model: {e}; pass the base model it "
                         f"was trained on with --model.")
-    check_fits(model, kind, "the adapter's")
+    check_fits(model, settings["kind"], "the adapter's")
     remove_virtual_tokens(model)
-    vt = VirtualTokens(kind, n, *dims)
-    table = tensors["prompt_encoder.embedding.weight"]
-    if table.shape != vt.embedding.weight.shape:
-        raise UserError(f"the adapter's prompt_embeddings have shape {tuple(table.shape)}, its config says "
-                        f"{tuple(vt.embedding.weight.shape)}: the file is damaged.")
     state = matched_state(model, {k: t for k, t in tensors.items() if not k.startswith("prompt_encoder.")},
                           head_names)
     model.load_state_dict(state, strict=False)
-    with torch.no_grad():
-        vt.embedding.weight.copy_(table)
-    model.prompt_encoder = vt.to(word_embeddings(model).weight.device)
+    model.prompt_encoder = vt
     mark_trainable(model, train_layernorm=False, head_names=(*head_names, "prompt_encoder"))
     return model

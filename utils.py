@@ -258,9 +258,10 @@ PEFT_PREFIX = "base_model.model."
 
 def adapter_settings(kind, r=4, alpha=4.0, dropout=0.0, rslora=False, target_modules=(), feedforward_modules=(),
                      modules_to_save=(), fan_in_fan_out=True):
-    """The peft adapter_config.json for our adapters (kind lora, dora or ia3; DoRA is peft's LORA with use_dora). fan_in_fan_out=True for GPT-2, whose Conv1D in
-    transformers (the model peft adapts) stores W as (in, out); False for every model of nn.Linear layers
-    (backbones.py). Either way the LoRA matrices have the same shapes: only peft's forward differs."""
+    """The peft adapter_config.json for our adapters (kind lora, dora or ia3; DoRA is peft's LORA with
+    use_dora). fan_in_fan_out=True for GPT-2, whose Conv1D in transformers (the model peft adapts) stores W as
+    (in, out); False for every model of nn.Linear layers (backbones.py). Either way the LoRA matrices have the
+    same shapes: only peft's forward differs."""
     common = {"task_type": "SEQ_CLS", "fan_in_fan_out": fan_in_fan_out, "target_modules": list(target_modules),
               "modules_to_save": list(modules_to_save), "inference_mode": True}
     if kind in ("lora", "dora"):
@@ -271,21 +272,25 @@ def adapter_settings(kind, r=4, alpha=4.0, dropout=0.0, rslora=False, target_mod
 
 def save_adapter(model, out_dir, settings, extras=None):
     """Write the trainable parameters of `model` as a peft adapter (atomically), plus run_config.json."""
-    from safetensors.torch import save_file
+    if "prompt_encoder" in model._modules:  # prompt or prefix tuning: saved as peft saves them
+        from prompts import adapter_tensors
+        return write_adapter(out_dir, adapter_tensors(model), settings, extras)
     adapters = {n: m for n, m in model.named_modules() if hasattr(m, "ia3_l")}
-    virtual = "prompt_encoder" in model._modules  # prompt or prefix tuning: saved as peft saves them (prompts.py)
     tensors = {}
     for name, p in model.named_parameters():
-        if not p.requires_grad or virtual:
+        if not p.requires_grad:
             continue
         t = p.detach().float().cpu().contiguous()
         if name.endswith(".ia3_l"):
             t = t[None, :] if adapters[name[:-len(".ia3_l")]].feedforward else t[:, None]
         key = PEFT_PREFIX + name + (".weight" if name.endswith((".lora_A", ".lora_B")) else "")
         tensors[key] = t.contiguous()
-    if virtual:
-        from prompts import adapter_tensors
-        tensors = adapter_tensors(model)
+    return write_adapter(out_dir, tensors, settings, extras)
+
+
+def write_adapter(out_dir, tensors, settings, extras):
+    """adapter_model.safetensors, adapter_config.json (and run_config.json), each written atomically."""
+    from safetensors.torch import save_file
     out_dir = Path(out_dir)
     atomic_write(out_dir / "adapter_model.safetensors", lambda tmp: save_file(tensors, tmp))
     write_json(out_dir / "adapter_config.json", settings)
