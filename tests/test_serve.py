@@ -199,6 +199,19 @@ def test_mixed_adapters_in_one_request_equal_predict(server, adapters, tiny_dir)
     assert len({round(o["probability"], 6) for o in outputs}) > 5  # the adapters really differ
 
 
+def routed_batch(tok, rows, names):
+    """[(adapter name, sentence)] as serve batches them: the rows' order sorted by adapter (in `names`' order),
+    their encoding, and each adapter's span of rows."""
+    order = sorted(range(len(rows)), key=lambda i: names.index(rows[i][0]))
+    enc = tok([rows[i][1] for i in order], padding=True, return_tensors="pt")
+    spans, start = [], 0
+    for name in names:
+        n = sum(rows[i][0] == name for i in order)
+        spans.append((name, start, start + n))
+        start += n
+    return order, enc, spans
+
+
 def test_a_dora_adapter_mixed_with_lora_and_ia3_equals_each_alone(tiny_dir, adapters):
     """multi_adapter: a batch of rows for a DoRA adapter (d), a LoRA (a) and an IA3 (b) gives each row its adapter's
     logits alone (our DoRALinear, tested against peft). DoRA scales W x per output, never the bias: a scaled bias,
@@ -225,13 +238,7 @@ def test_a_dora_adapter_mixed_with_lora_and_ia3_equals_each_alone(tiny_dir, adap
         add_adapter(model, name, *read_adapter(path)[:2])
     rows = [("d", SENTENCES[0]), ("d", SENTENCES[1]), ("a", SENTENCES[2]), ("b", SENTENCES[3]), ("b", SENTENCES[4]),
             ("d", SENTENCES[4])]
-    order = sorted(range(len(rows)), key=lambda i: list(dirs).index(rows[i][0]))  # spans: rows sorted by adapter
-    enc = tok([rows[i][1] for i in order], padding=True, return_tensors="pt")
-    spans, start = [], 0
-    for name in dirs:
-        n = sum(rows[i][0] == name for i in order)
-        spans.append((name, start, start + n))
-        start += n
+    order, enc, spans = routed_batch(tok, rows, list(dirs))
     with torch.no_grad(), routed(model, Routing(spans, enc["attention_mask"].sum(1))):
         mixed = model(enc["input_ids"], enc["attention_mask"])
     for k, i in enumerate(order):
@@ -285,13 +292,7 @@ def test_prompt_and_prefix_adapters_mixed_with_lora_and_ia3_equal_each_alone(tin
         add_adapter(model, name, *read_adapter(path)[:2])
     names = [*dirs, "base"]  # "base": rows of no adapter
     rows = [(names[(i + j) % len(names)], s) for i, s in enumerate(SENTENCES) for j in range(2)]
-    order = sorted(range(len(rows)), key=lambda i: names.index(rows[i][0]))
-    enc = tok([rows[i][1] for i in order], padding=True, return_tensors="pt")
-    spans, start = [], 0
-    for name in names:
-        n = sum(rows[i][0] == name for i in order)
-        spans.append((name, start, start + n))
-        start += n
+    order, enc, spans = routed_batch(tok, rows, names)
     with torch.no_grad(), routed(model, Routing(spans, enc["attention_mask"].sum(1))):
         mixed = classify(model, enc["input_ids"], enc["attention_mask"])
     for k, i in enumerate(order):
