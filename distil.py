@@ -281,9 +281,19 @@ def check_student_flags(args, distil):
         raise UserError(f"--transfer-lm {args.transfer_lm}: give a number of sentences to sample per training "
                         f"sentence, 0 or more.")
     kind = args.student
+    named = args.student_init not in ("bottom", "every")  # the layers by index: K is their number
+    if named and kind == "transformer":
+        k = args.student_init.count(",") + 1
+        if args.student_layers not in (None, k):
+            raise UserError(f"--student-layers {args.student_layers} with --student-init {args.student_init}, which "
+                            f"names {k} layers: give one of the two, or the same number.")
+        args.student_layers = k
     for flag, value in STUDENT_DEFAULTS[kind].items():
         if getattr(args, flag) is None:
             setattr(args, flag, value)
+    if kind == "rnn" and named:
+        raise UserError(f"--student-init {args.student_init} names a transformer student's layers; the RNN student "
+                        f"has none: add --student transformer or drop it.")
     if kind == "rnn" and args.student_layers is not None:
         raise UserError(f"--student-layers {args.student_layers} is for --student transformer (the RNN student's "
                         f"size is --rnn-layers, --hidden and --emb-dim); add --student transformer or drop it.")
@@ -519,10 +529,13 @@ def train_student(args, seed, make, hidden, train_set, task, teacher, extras, de
 
 def student_tag(args):
     """What tells this student's runs apart from other students' in one models directory: nothing for the
-    RNN (distil_<seed>, as always), tf<K>-<init>-<from> for a transformer (distil_tf6-bottom-teacher_<seed>)."""
+    RNN (distil_<seed>, as always), tf<K>-<init>-<from> for a transformer (distil_tf6-bottom-teacher_<seed>,
+    distil_tf6-layers0-1-2-3-16-17-base_<seed>)."""
     if args.student != "transformer":
         return ""
-    return f"tf{args.student_layers}-{args.student_init}-{args.student_from}"
+    init = args.student_init if args.student_init in ("bottom", "every") else \
+        "layers" + args.student_init.replace(",", "-")  # tf6-layers0-1-2-3-16-17-base
+    return f"tf{args.student_layers}-{init}-{args.student_from}"
 
 
 def with_hidden_loss(loss_fn, student, targets, weight):

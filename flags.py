@@ -37,6 +37,21 @@ def positive(kind):
     return parse
 
 
+def student_init(text):
+    """--student-init: bottom, every, or the teacher's layer indices themselves, comma-separated and rising
+    ("0,1,2,3,16,17"), kept as that text."""
+    if text in ("bottom", "every"):
+        return text
+    try:
+        layers = [int(x) for x in text.split(",")]
+    except ValueError:
+        layers = None
+    if not layers or min(layers) < 0 or layers != sorted(set(layers)):
+        raise argparse.ArgumentTypeError(f"expected bottom, every, or the teacher's layer indices, rising and "
+                                         f"comma-separated (0,1,2,3,16,17), got {text!r}")
+    return ",".join(map(str, layers))
+
+
 def fraction(text):
     try:
         value = float(text)

@@ -6,7 +6,7 @@ import os
 import shlex
 import sys
 
-from flags import DEFAULT_PROMPT, SWEEP_KEYS, HelpFormatter, fraction, non_negative, positive, seed_arg
+from flags import DEFAULT_PROMPT, SWEEP_KEYS, HelpFormatter, fraction, non_negative, positive, seed_arg, student_init
 
 
 MODEL_HELP = ("gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2 (the hand-written GPT-2); minilm, smollm2 (real "
@@ -75,9 +75,10 @@ def add_student(p, distil):
                    "layers (DistilBERT, BERT-PKD), everything trainable; needs the teacher in rnn mode too")
     p.add_argument("--student-layers", type=positive(int), metavar="K", help="--student transformer: how many of the "
                    "teacher's layers (default 6)")
-    p.add_argument("--student-init", default="bottom", choices=["bottom", "every"],
-                   help="--student transformer: the teacher's bottom K layers, or K spread evenly from the first "
-                   "(every n-th, as DistilBERT)")
+    p.add_argument("--student-init", default="bottom", type=student_init, metavar="bottom|every|I,J,...",
+                   help="--student transformer: the teacher's bottom K layers, K spread evenly from the first "
+                   "(every n-th, as DistilBERT), or the teacher's layers by index, rising (0,1,2,3,16,17: K is "
+                   "their number)")
     p.add_argument("--student-from", default="base", choices=["base", "teacher"],
                    help="--student transformer: copy the layers of the teacher's pretrained base model (a new head), "
                    "or of the teacher with its adapter merged (its head too)")

@@ -38,11 +38,17 @@ class TransformerConfig:
 
 
 def pick_layers(n_teacher, k, init):
-    """The teacher's layers a student of k layers is made of: the bottom k, or k spread evenly from the first
-    (every n-th: DistilBERT takes every other one of BERT's 12), always starting at layer 0, which reads the
-    embeddings."""
+    """The teacher's layers a student of k layers is made of: the bottom k, k spread evenly from the first
+    (every n-th: DistilBERT takes every other one of BERT's 12, starting at layer 0, which reads the
+    embeddings), or the layers named in init ("0,1,2,3,16,17")."""
     if init == "bottom":
         return list(range(k))
+    if init != "every":
+        layers = [int(i) for i in init.split(",")]
+        if layers[-1] >= n_teacher:
+            raise UserError(f"--student-init {init}: the teacher has layers 0 to {n_teacher - 1}; name layers among "
+                            f"those.")
+        return layers
     step = n_teacher / k
     return [int(i * step) for i in range(k)]
 
@@ -194,7 +200,7 @@ class TransformerStudent(nn.Module):
 
     def describe(self):
         c = self.config
-        where = "bottom" if c.init == "bottom" else "spread"
+        where = {"bottom": "bottom", "every": "spread"}.get(c.init, "chosen")
         return (f"{c.family} transformer, {len(c.layers)} of the teacher's {c.teacher_layers} layers ({where}: "
                 f"{', '.join(map(str, c.layers))}) from the {'teacher (adapter merged)' if c.source == 'teacher' else 'pretrained base'}"
                 + (f", vocabulary of the data: {c.rows - 1:,} of {c.vocab_size:,} tokens" if c.rows else ""))

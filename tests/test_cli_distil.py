@@ -332,11 +332,26 @@ def test_more_student_layers_than_the_teacher_has_is_a_clean_error(teacher, tmp_
     assert not list((tmp_path / "models").glob("*_7"))  # no run directory
 
 
+def test_a_named_layer_past_the_teachers_last_is_a_clean_error(teacher, tmp_path, capsys):
+    """--student-init names the layers; one the teacher does not have is said before the teacher runs."""
+    import run as cli
+    code = cli.main(["rnn", "7", "--models-dir", str(tmp_path / "models"), "--plots-dir", str(tmp_path / "plots"),
+                     "--teacher", str(teacher / "models" / "LoRA_7"), "--data-dir", str(COLA_DIR), "--limit-train",
+                     "16", "--threads", "1", "--student", "transformer", "--student-init", "0,2"])
+    out = capsys.readouterr()
+    assert code == 2 and "--student-init 0,2: the teacher has layers 0 to 1" in out.err
+    assert "teacher logits" not in out.out
+    assert not list((tmp_path / "models").glob("*_7"))
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--student-layers", "2"], "--student-layers 2 is for --student transformer"),
     (["--kd-hidden", "1"], "--kd-hidden 1.0 matches a transformer student's layers"),
     (["--student", "transformer", "--kd-hidden", "-1"], "--kd-hidden -1.0"),
     (["--student", "transformer", "--init-embeddings-from-teacher"], "--init-embeddings-from-teacher"),
+    (["--student-init", "0,1"], "--student-init 0,1 names a transformer student's layers"),
+    (["--student", "transformer", "--student-init", "0,5", "--student-layers", "3"],
+     "--student-layers 3 with --student-init 0,5, which names 2 layers"),
 ])
 def test_bad_transformer_student_flags_are_clean_errors(flags, message, tmp_path, capsys):
     """Checked before anything loads: in this process (run.main), as the command line runs it."""
@@ -348,6 +363,10 @@ def test_bad_transformer_student_flags_are_clean_errors(flags, message, tmp_path
     with pytest.raises(SystemExit) as exit:
         cli.main(["rnn", "7", "--student", "transformer", "--student-layers", "0"])
     assert exit.value.code == 2 and "argument --student-layers" in capsys.readouterr().err
+    for bad in ("3,1", "0,0", "-1,2", "0,x", ""):  # rising, distinct, non-negative indices
+        with pytest.raises(SystemExit) as exit:
+            cli.main(["rnn", "7", "--student", "transformer", f"--student-init={bad}"])
+        assert exit.value.code == 2 and "comma-separated (0,1,2,3,16,17)" in capsys.readouterr().err
 
 
 def test_a_transformer_student_without_teacher_names_the_command(tmp_path):

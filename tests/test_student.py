@@ -119,11 +119,11 @@ def ref_hidden(ref, ids, mask):
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 @pytest.mark.parametrize("init, source", [("bottom", "base"), ("every", "base"), ("bottom", "teacher"),
-                                          ("every", "teacher")])
+                                          ("every", "teacher"), ("1,3", "teacher")])
 def test_a_student_is_its_model_cut_to_its_layers(gpt2_4, llama_4, family, init, source):
     base, adapter = gpt2_4 if family == "gpt2" else llama_4
     layers = pick_layers(N_LAYERS, 2, init)
-    assert layers == ([0, 1] if init == "bottom" else [0, 2])
+    assert layers == {"bottom": [0, 1], "every": [0, 2], "1,3": [1, 3]}[init]
     net = ours(base, adapter if source == "teacher" else None)
     student = TransformerStudent.from_model(net, layers, init, source).eval()
     ref = reference(base, layers, adapter if source == "teacher" else None)
@@ -220,3 +220,16 @@ def test_a_model_whose_layers_are_not_one_list_is_a_clear_error():
         layer_list(net)
     del net.decoder
     assert layer_list(net) is net.encoder
+
+
+def test_a_student_of_named_layers_has_a_run_directory_of_its_own(tmp_path):
+    """--student-init 0,1,2,3,16,17: the layers in the run's name, found by the comparison beside the others."""
+    from types import SimpleNamespace as NS
+    from distil import student_tag
+    from report import run_name, student_kinds
+    tags = [student_tag(NS(student="transformer", student_layers=6, student_init=init, student_from="base"))
+            for init in ("bottom", "0,1,2,3,16,17")]
+    assert tags == ["tf6-bottom-base", "tf6-layers0-1-2-3-16-17-base"]
+    for tag in tags:
+        (tmp_path / run_name("distil", 5, tag)).mkdir()
+    assert student_kinds(tmp_path, 5) == sorted(tags)
