@@ -115,6 +115,84 @@ def run(*args, env=None, cwd=ROOT, launcher=(), script=ROOT / "run.py", timeout=
                           capture_output=True, text=True, errors="replace", timeout=timeout, umask=umask)
 
 
+def run_here(*args, env=None, cwd=ROOT):
+    """`python run.py ARGS` for a command that stops at a check of its input, made in this process (run.main, the
+    entry run.py's __main__ calls) instead of a new interpreter that imports torch for a second or more: a
+    CompletedProcess of what a user would see. stdout and stderr are taken at the file descriptors too (what C code
+    or a library writes there), warnings are printed as a fresh interpreter prints them (each one: 'always', stricter
+    than its once per place), an exception that escapes is a traceback on stderr and exit 1, and SystemExit (argparse)
+    its code. The environment (run's, plus env), the working directory, torch's threads and the random generators are
+    restored afterwards. Not for a command that trains or serves, nor for one that must read env when a library is
+    imported: those are run()."""
+    import contextlib
+    import io
+    import random
+    import tempfile
+    import traceback
+    import warnings
+
+    import numpy as np
+    import run as cli
+    argv = [str(a) for a in args]
+    full_env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                "OMP_NUM_THREADS": THREADS, **(env or {})}
+    saved_env = {k: os.environ.get(k) for k in full_env}
+    saved = (os.getcwd(), torch.get_num_threads(), torch.get_rng_state(), random.getstate(), np.random.get_state())
+    out, err = io.StringIO(), io.StringIO()
+    fd_files = [tempfile.TemporaryFile(), tempfile.TemporaryFile()]
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    fd_saved = [os.dup(1), os.dup(2)]
+    code = 0
+    try:
+        os.environ.update(full_env)
+        os.chdir(cwd)
+        os.dup2(fd_files[0].fileno(), 1)
+        os.dup2(fd_files[1].fileno(), 2)
+        with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(out), \
+                contextlib.redirect_stderr(err):
+            warnings.resetwarnings()  # a fresh interpreter's filters (pytest's own are for this process)
+            for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+                warnings.filterwarnings("ignore", category=category)
+            warnings.filterwarnings("always", category=DeprecationWarning, module="run")  # run.py is __main__ there
+            warnings.simplefilter("always", append=True)
+            try:
+                code = cli.main(argv) or 0
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+                if not isinstance(e.code, (int, type(None))):
+                    print(e.code, file=sys.stderr)
+            except Exception:  # noqa: BLE001 - the interpreter's own report of an uncaught exception
+                traceback.print_exc(file=sys.stderr)
+                code = 1
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os.dup2(fd_saved[0], 1)
+        os.dup2(fd_saved[1], 2)
+        for fd in fd_saved:
+            os.close(fd)
+        os.chdir(saved[0])
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        torch.set_num_threads(saved[1])
+        torch.set_rng_state(saved[2])
+        random.setstate(saved[3])
+        np.random.set_state(saved[4])
+    fd_text = []
+    for f in fd_files:
+        f.seek(0)
+        fd_text.append(f.read().decode(errors="replace"))
+        f.close()
+    shown = "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno, w.line) for w in caught)
+    # Whatever reached the descriptors and the warnings come first: then a one-paragraph check sees them.
+    return subprocess.CompletedProcess(["run.py", *argv], code, fd_text[0] + out.getvalue(),
+                                       fd_text[1] + shown + err.getvalue())
+
+
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 

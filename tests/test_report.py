@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from conftest import COLA_DIR, needs_cola, needs_tokenizer, ok, run, user_error
+from conftest import COLA_DIR, needs_cola, needs_tokenizer, ok, run, run_here, user_error
 
 pytestmark = [needs_tokenizer, needs_cola]
 SMALL = ["--data-dir", COLA_DIR, "--limit-train", 96, "--epochs", 2]
@@ -121,7 +121,7 @@ def test_damaged_metrics_are_reported_and_the_rest_still_written(runs):
 
 def test_no_runs_is_a_clean_error_and_writes_nothing(runs, tmp_path):
     tmp, models, plots = runs
-    err = user_error(run("report", 99, "--models-dir", models, "--plots-dir", plots, "--out-dir", tmp_path / "r"))
+    err = user_error(run_here("report", 99, "--models-dir", models, "--plots-dir", plots, "--out-dir", tmp_path / "r"))
     assert "no runs of SR 99" in err and "python run.py LoRA 99" in err
     assert not (tmp_path / "r").exists()
 
