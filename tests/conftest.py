@@ -116,8 +116,9 @@ def run(*args, env=None, cwd=ROOT, launcher=(), script=ROOT / "run.py", timeout=
 
 
 def run_here(*args, env=None, cwd=ROOT):
-    """`python run.py ARGS` for a command that stops at a check of its input, made in this process (run.main, the
-    entry run.py's __main__ calls) instead of a new interpreter that imports torch for a second or more: a
+    """`python run.py ARGS` for a command that stops at a check of its input (or, like report, only reads runs and
+    writes files), made in this process (run.main, the entry run.py's __main__ calls) instead of a new interpreter
+    that imports torch for a second or more: a
     CompletedProcess of what a user would see. stdout and stderr are taken at the file descriptors too (what C code
     or a library writes there), warnings are printed as a fresh interpreter prints them (each one: 'always', stricter
     than its once per place), an exception that escapes is a traceback on stderr and exit 1, and SystemExit (argparse)
