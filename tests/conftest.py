@@ -57,6 +57,29 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+# pytest.ini runs the suite on two pytest-xdist workers (-n 2). Tests of one group run on one worker, in one process:
+# the modules whose module-scoped fixtures make runs (each worker would make them again) are each a group, and
+# test_cli_lora and test_cli_distil one group, since both read the session's lora_7. The other tests go one by one to
+# whichever worker is free. (xdist's own --dist loadgroup marks tests by rewriting a node id that pytest 9 no longer
+# reads: this scheduler groups by file name instead, as xdist's loadfile does.)
+XDIST_GROUPS = {"test_cli_lora.py": "lora_7", "test_cli_distil.py": "lora_7"}
+XDIST_GROUPS.update({name: name for name in ("test_distributed.py", "test_report.py", "test_hardening.py",
+                                             "test_prompts.py", "test_gpt.py", "test_serve.py")})
+
+
+def pytest_xdist_make_scheduler(config, log):
+    if config.getoption("dist") != "load":
+        return None  # another --dist asked for: xdist's own
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Groups(LoadScopeScheduling):
+        """xdist's loadscope (work units of tests that run on one worker, largest first), units as XDIST_GROUPS says."""
+        def _split_scope(self, nodeid):
+            return XDIST_GROUPS.get(nodeid.split("::", 1)[0].rsplit("/", 1)[-1], nodeid)
+
+    return Groups(config, log)
+
+
 def copy_checkpoint(src, dst, with_tokenizer=False, **config):
     """A copy of the checkpoint in src (its config.json with these entries changed, its weights, and its tokenizer
     files if asked) in dst: cheaper than save_hf_gpt2 again, and the same files."""
