@@ -139,15 +139,15 @@ def run(*args, env=None, cwd=ROOT, launcher=(), script=ROOT / "run.py", timeout=
 
 
 def run_here(*args, env=None, cwd=ROOT):
-    """`python run.py ARGS` for a command that stops at a check of its input (or, like report, only reads runs and
-    writes files), made in this process (run.main, the entry run.py's __main__ calls) instead of a new interpreter
+    """`python run.py ARGS` for a command that stops at a check of its input, or that trains nothing (report, predict,
+    a sweep whose configurations are all finished), made in this process (run.main, the entry run.py's __main__ calls) instead of a new interpreter
     that imports torch for a second or more: a
     CompletedProcess of what a user would see. stdout and stderr are taken at the file descriptors too (what C code
     or a library writes there), warnings are printed as a fresh interpreter prints them (each one: 'always', stricter
     than its once per place), an exception that escapes is a traceback on stderr and exit 1, and SystemExit (argparse)
     its code. The environment (run's, plus env), the working directory, torch's threads and the random generators are
     restored afterwards. Not for a command that trains or serves, nor for one that must read env when a library is
-    imported: those are run()."""
+    imported: those are run(). (Each mode is still run in a process of its own by some test.)"""
     import contextlib
     import io
     import random

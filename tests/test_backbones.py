@@ -496,8 +496,8 @@ def word_data(path, n, seed):
 
 def every_mode(directory, tmp):
     """The commands of test_every_mode_on_a_transformers_backbone on one backbone, in three rounds of runs that
-    need nothing of each other (each round's runs at the same time), and gen, which is refused (in this process,
-    run_here): {name: CompletedProcess}."""
+    need nothing of each other (each round's runs at the same time); gen, which is refused, and predict, which
+    trains nothing, in this process (run_here): {name: CompletedProcess}."""
     from conftest import run, run_here, together
     train, dev = word_data(tmp / "train.tsv", 160, 1), word_data(tmp / "dev.tsv", 60, 2)
     files = ["--train-file", train, "--eval-file", dev]
@@ -511,9 +511,9 @@ def every_mode(directory, tmp):
         lambda: run("LoRA", 3, "--model", directory, *files, "--epochs", 1, "--peft", "ia3", "--out-dir", ia3,
                     "--plots-dir", tmp / "ia3-plots"))))  # its own: the plots of two LoRA 3 runs have one name
     procs["gen"] = run_here("gen", 3, "--model", directory, "--max-new-tokens", 2)
-    procs.update(zip(["predict", "distil"], together(
-        lambda: run("predict", 3, "--adapter", f"lora={out}", "--adapter", f"ia3={ia3}", "--input", tmp / "in.txt"),
-        lambda: run("distil", 3, *student, "--augment", 1))))
+    procs["predict"] = run_here("predict", 3, "--adapter", f"lora={out}", "--adapter", f"ia3={ia3}", "--input",
+                                tmp / "in.txt")
+    procs["distil"] = run("distil", 3, *student, "--augment", 1)
     procs.update(zip(["rnn", "distil_cached"], together(  # rnn after distil: then the comparison is written
         lambda: run("rnn", 3, *student), lambda: run("distil", 4, *student, "--teacher", out))))
     return procs

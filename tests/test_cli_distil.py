@@ -182,7 +182,7 @@ def test_predict_with_a_data_vocabulary_student_gives_the_training_evaluation(te
     assert 0 < config["student"]["rows"] < config["student"]["vocab_size"]
     sentences, labels = load_cola(COLA_DIR)["dev"]
     (tmp_path / "dev.txt").write_text("\n".join(sentences) + "\n")
-    lines = ok(run("predict", 7, "--adapter", models / "distil_7", "--input", tmp_path / "dev.txt")).stdout.splitlines()
+    lines = ok(run_here("predict", 7, "--adapter", models / "distil_7", "--input", tmp_path / "dev.txt")).stdout.splitlines()
     names = config["labels"]
     predicted = [names.index(line.split(" (")[0]) for line in lines]
     acc = sum(p == y for p, y in zip(predicted, labels)) / len(labels)
@@ -312,11 +312,11 @@ def test_predict_and_report_with_a_transformer_student(transformer_students, tmp
     config = json.loads((student / "run_config.json").read_text())
     sentences, labels = load_cola(COLA_DIR)["dev"]
     (tmp_path / "dev.txt").write_text("\n".join(sentences) + "\n")
-    lines = ok(run("predict", 7, "--adapter", student, "--input", tmp_path / "dev.txt")).stdout.splitlines()
+    lines = ok(run_here("predict", 7, "--adapter", student, "--input", tmp_path / "dev.txt")).stdout.splitlines()
     predicted = [config["labels"].index(line.split(" (")[0]) for line in lines]
     assert sum(p == y for p, y in zip(predicted, labels)) / len(labels) == pytest.approx(config["best"]["dev_acc"],
                                                                                          abs=1e-12)
-    ok(run("report", 7, "--models-dir", models, "--plots-dir", plots, "--out-dir", tmp_path / "reports"))
+    ok(run_here("report", 7, "--models-dir", models, "--plots-dir", plots, "--out-dir", tmp_path / "reports"))
     md = (tmp_path / "reports" / "report_7.md").read_text()
     assert "Speed/accuracy frontier" in md and "KD student tf1-bottom-base (distil)" in md
     assert "distil_tf1-bottom-base_7" in md and "frontier_7.png" in md

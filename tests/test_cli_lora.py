@@ -178,7 +178,7 @@ def test_predict_with_several_adapters_in_one_process(lora_run, tiny_dir, tmp_pa
                 "c": make_adapter(tiny_dir, tmp_path / "c", "lora", ["attn.c_attn"], layernorms=False, seed=2)}
     routed = "Only adapter b sees this one."
     (tmp_path / "in.txt").write_text("\n".join(SENTENCES) + f"\nb\t{routed}\n")
-    proc = ok(run("predict", 7, *[a for name, d in adapters.items() for a in ("--adapter", f"{name}={d}")],
+    proc = ok(run_here("predict", 7, *[a for name, d in adapters.items() for a in ("--adapter", f"{name}={d}")],
                   "--input", tmp_path / "in.txt"))
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == len(SENTENCES) + 1, proc.stdout
@@ -249,10 +249,10 @@ def test_dora_trains_exports_resumes_predicts_and_generates(tiny_dir, tmp_path):
     w = load_gpt(tiny_dir).transformer.h[0].mlp.c_fc.weight
     assert m.shape == (256,) and (m - w.norm(dim=1)).abs().max() > 1e-4  # it trained the magnitudes
     (tmp_path / "in.txt").write_text("\n".join(SENTENCES) + "\n")
-    predicted, generated, resumed = together(
-        lambda: run("predict", 7, "--adapter", out, "--input", tmp_path / "in.txt"),
+    generated, resumed = together(
         lambda: run("gen", 7, "--model", tiny_dir, "--adapter", peft_dir, "--max-new-tokens", 3, "--temperature", 0),
         lambda: run(*args, "--resume"))  # the same flags: the finished run's checkpoint reads back
+    predicted = run_here("predict", 7, "--adapter", out, "--input", tmp_path / "in.txt")
     bad_ff = run_here(*args, "--feedforward-modules", "mlp.c_proj")
     bad_alpha = run_here(*lora_args(tiny_dir, tmp_path / "ia3", tmp_path / "plots"), "--peft", "ia3", "--rslora")
     # predict (merged) against peft's own model of the exported files.
@@ -391,7 +391,7 @@ def test_sweep_writes_its_table_and_does_not_rerun_finished_configs(sweeps):
     assert rows[0].startswith("name,method,targets,r,alpha,dropout,trainable,") and len(rows) == 6
     assert (tmp_path / "plots" / "sweep_5.png").stat().st_size > 0
     assert len(metrics(tmp_path / "models" / "sweep_5" / "small")) == 2
-    again = ok(run(*args))
+    again = ok(run_here(*args))  # trains nothing (unless it wrongly would): in this process
     assert again.stdout.count("finished earlier") == 5 and "epoch 1/2" not in again.stdout
     assert (tmp_path / "plots" / "sweep_5.csv").read_text().splitlines() == rows
 

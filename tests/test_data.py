@@ -105,7 +105,7 @@ def test_own_three_class_file_trains_and_predicts(tiny_dir, tmp_path):
     config = json.loads((out / "run_config.json").read_text())
     assert config["labels"] == ["meh", "neg", "pos"] and config["task"] == "train"
     write(tmp_path / "in.txt", "A great film.\n")
-    verdict = ok(run("predict", 4, "--adapter", out, "--input", tmp_path / "in.txt")).stdout
+    verdict = ok(run_here("predict", 4, "--adapter", out, "--input", tmp_path / "in.txt")).stdout
     assert verdict.split(" (")[0] in ("meh", "neg", "pos")
     msg = user_error(wrong_column)
     assert "line 1: no text (column 'text')" in msg and "--text-column" in msg

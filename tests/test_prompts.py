@@ -333,13 +333,13 @@ def test_cli_saves_pefts_files_and_peft_reads_them(cli_runs, tiny_dir):
 
 @cli
 def test_cli_predict_and_gen_put_the_virtual_tokens_first(cli_runs, tiny_dir, tmp_path):
-    from conftest import ok, run
+    from conftest import ok, run, run_here
     from flags import DEFAULT_PROMPT
     from model import GPT
     from utils import load_tokenizer
     sentences = ["The cat sat on the mat.", "Mat the on sat cat the."]
     (tmp_path / "in.txt").write_text("\n".join(sentences) + "\n")
-    proc = ok(run("predict", 7, "--adapter", f"a={cli_runs['prompt']}", "--adapter", f"b={cli_runs['prefix']}",
+    proc = ok(run_here("predict", 7, "--adapter", f"a={cli_runs['prompt']}", "--adapter", f"b={cli_runs['prefix']}",
                   "--input", tmp_path / "in.txt"))
     tok = load_tokenizer(tiny_dir)
     for line, sentence in zip(proc.stdout.strip().splitlines(), sentences):
