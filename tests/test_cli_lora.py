@@ -1,5 +1,6 @@
 """The command line of the LoRA issue, as a user runs it: `python run.py LoRA|predict|gen ...` in a
-subprocess on the tiny random GPT-2 (with the real tokenizer) and the real CoLA files."""
+subprocess on the tiny random GPT-2 (with the real tokenizer) and the real CoLA files; commands that stop at bad input
+or train nothing in this process (conftest.run_here, run.main)."""
 import json
 import re
 
