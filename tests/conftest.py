@@ -57,6 +57,29 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+# pytest.ini runs the suite on two pytest-xdist workers (-n 2). Tests of one group run on one worker, in one process:
+# the modules whose module-scoped fixtures make runs (each worker would make them again) are each a group, and
+# test_cli_lora and test_cli_distil one group, since both read the session's lora_7. The other tests go one by one to
+# whichever worker is free. (xdist's own --dist loadgroup marks tests by rewriting a node id that pytest 9 no longer
+# reads: this scheduler groups by file name instead, as xdist's loadfile does.)
+XDIST_GROUPS = {"test_cli_lora.py": "lora_7", "test_cli_distil.py": "lora_7"}
+XDIST_GROUPS.update({name: name for name in ("test_distributed.py", "test_report.py", "test_hardening.py",
+                                             "test_prompts.py", "test_gpt.py", "test_serve.py")})
+
+
+def pytest_xdist_make_scheduler(config, log):
+    if config.getoption("dist") != "load":
+        return None  # another --dist asked for: xdist's own
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Groups(LoadScopeScheduling):
+        """xdist's loadscope (work units of tests that run on one worker, largest first), units as XDIST_GROUPS says."""
+        def _split_scope(self, nodeid):
+            return XDIST_GROUPS.get(nodeid.split("::", 1)[0].rsplit("/", 1)[-1], nodeid)
+
+    return Groups(config, log)
+
+
 def copy_checkpoint(src, dst, with_tokenizer=False, **config):
     """A copy of the checkpoint in src (its config.json with these entries changed, its weights, and its tokenizer
     files if asked) in dst: cheaper than save_hf_gpt2 again, and the same files."""
@@ -113,6 +136,85 @@ def run(*args, env=None, cwd=ROOT, launcher=(), script=ROOT / "run.py", timeout=
                 "OMP_NUM_THREADS": THREADS, **(env or {})}  # one thread: tiny models, and no oversubscription
     return subprocess.run([sys.executable, *launcher, str(script), *map(str, args)], cwd=cwd, env=full_env,
                           capture_output=True, text=True, errors="replace", timeout=timeout, umask=umask)
+
+
+def run_here(*args, env=None, cwd=ROOT):
+    """`python run.py ARGS` for a command that stops at a check of its input, or that trains nothing (report, predict,
+    a sweep whose configurations are all finished), made in this process (run.main, the entry run.py's __main__ calls) instead of a new interpreter
+    that imports torch for a second or more: a
+    CompletedProcess of what a user would see. stdout and stderr are taken at the file descriptors too (what C code
+    or a library writes there), warnings are printed as a fresh interpreter prints them (each one: 'always', stricter
+    than its once per place), an exception that escapes is a traceback on stderr and exit 1, and SystemExit (argparse)
+    its code. The environment (run's, plus env), the working directory, torch's threads and the random generators are
+    restored afterwards. Not for a command that trains or serves, nor for one that must read env when a library is
+    imported: those are run(). (Each mode is still run in a process of its own by some test.)"""
+    import contextlib
+    import io
+    import random
+    import tempfile
+    import traceback
+    import warnings
+
+    import numpy as np
+    import run as cli
+    argv = [str(a) for a in args]
+    full_env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                "OMP_NUM_THREADS": THREADS, **(env or {})}
+    saved_env = {k: os.environ.get(k) for k in full_env}
+    saved = (os.getcwd(), torch.get_num_threads(), torch.get_rng_state(), random.getstate(), np.random.get_state())
+    out, err = io.StringIO(), io.StringIO()
+    fd_files = [tempfile.TemporaryFile(), tempfile.TemporaryFile()]
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    fd_saved = [os.dup(1), os.dup(2)]
+    code = 0
+    try:
+        os.environ.update(full_env)
+        os.chdir(cwd)
+        os.dup2(fd_files[0].fileno(), 1)
+        os.dup2(fd_files[1].fileno(), 2)
+        with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(out), \
+                contextlib.redirect_stderr(err):
+            warnings.resetwarnings()  # a fresh interpreter's filters (pytest's own are for this process)
+            for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+                warnings.filterwarnings("ignore", category=category)
+            warnings.filterwarnings("always", category=DeprecationWarning, module="run")  # run.py is __main__ there
+            warnings.simplefilter("always", append=True)
+            try:
+                code = cli.main(argv) or 0
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+                if not isinstance(e.code, (int, type(None))):
+                    print(e.code, file=sys.stderr)
+            except Exception:  # noqa: BLE001 - the interpreter's own report of an uncaught exception
+                traceback.print_exc(file=sys.stderr)
+                code = 1
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os.dup2(fd_saved[0], 1)
+        os.dup2(fd_saved[1], 2)
+        for fd in fd_saved:
+            os.close(fd)
+        os.chdir(saved[0])
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        torch.set_num_threads(saved[1])
+        torch.set_rng_state(saved[2])
+        random.setstate(saved[3])
+        np.random.set_state(saved[4])
+    fd_text = []
+    for f in fd_files:
+        f.seek(0)
+        fd_text.append(f.read().decode(errors="replace"))
+        f.close()
+    shown = "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno, w.line) for w in caught)
+    # Whatever reached the descriptors and the warnings come first: then a one-paragraph check sees them.
+    return subprocess.CompletedProcess(["run.py", *argv], code, fd_text[0] + out.getvalue(),
+                                       fd_text[1] + shown + err.getvalue())
 
 
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

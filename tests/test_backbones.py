@@ -496,23 +496,24 @@ def word_data(path, n, seed):
 
 def every_mode(directory, tmp):
     """The commands of test_every_mode_on_a_transformers_backbone on one backbone, in three rounds of runs that
-    need nothing of each other (each round's runs at the same time): {name: CompletedProcess}."""
-    from conftest import run, together
+    need nothing of each other (each round's runs at the same time); gen, which is refused, and predict, which
+    trains nothing, in this process (run_here): {name: CompletedProcess}."""
+    from conftest import run, run_here, together
     train, dev = word_data(tmp / "train.tsv", 160, 1), word_data(tmp / "dev.tsv", 60, 2)
     files = ["--train-file", train, "--eval-file", dev]
     data = [*files, "--plots-dir", tmp / "plots"]
     out, ia3 = tmp / "models" / "LoRA_3", tmp / "models" / "ia3"
     (tmp / "in.txt").write_text("w1 w2 w3\nw12 w13 w14\n")
     student = ["--models-dir", tmp / "models", *data, "--epochs", 2, "--emb-dim", 8, "--hidden", 8]
-    procs = dict(zip(["lora", "ia3", "gen"], together(
+    procs = dict(zip(["lora", "ia3"], together(
         lambda: run("LoRA", 3, "--model", directory, *data, "--epochs", 3, "--lr", 3e-2, "--batch-size", 16,
                     "--out-dir", out),
         lambda: run("LoRA", 3, "--model", directory, *files, "--epochs", 1, "--peft", "ia3", "--out-dir", ia3,
-                    "--plots-dir", tmp / "ia3-plots"),  # its own: the plots of two LoRA 3 runs have one name
-        lambda: run("gen", 3, "--model", directory, "--max-new-tokens", 2))))
-    procs.update(zip(["predict", "distil"], together(
-        lambda: run("predict", 3, "--adapter", f"lora={out}", "--adapter", f"ia3={ia3}", "--input", tmp / "in.txt"),
-        lambda: run("distil", 3, *student, "--augment", 1))))
+                    "--plots-dir", tmp / "ia3-plots"))))  # its own: the plots of two LoRA 3 runs have one name
+    procs["gen"] = run_here("gen", 3, "--model", directory, "--max-new-tokens", 2)
+    procs["predict"] = run_here("predict", 3, "--adapter", f"lora={out}", "--adapter", f"ia3={ia3}", "--input",
+                                tmp / "in.txt")
+    procs["distil"] = run("distil", 3, *student, "--augment", 1)
     procs.update(zip(["rnn", "distil_cached"], together(  # rnn after distil: then the comparison is written
         lambda: run("rnn", 3, *student), lambda: run("distil", 4, *student, "--teacher", out))))
     return procs

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from conftest import COLA_DIR, needs_cola, needs_tokenizer, ok, run, together, user_error
+from conftest import COLA_DIR, needs_cola, needs_tokenizer, ok, run, run_here, together, user_error
 
 pytestmark = [needs_tokenizer, needs_cola]
 TIMING = ("train_sentences_per_s", "train_seconds")
@@ -142,7 +142,7 @@ def test_predict_refuses_a_student_with_another_tokenizer(students, tmp_path):
     (other / "vocab.json").write_text(json.dumps(vocab))
     sentences = tmp_path / "s.txt"
     sentences.write_text("The cat sat on the mat.\n")
-    msg = user_error(run("predict", 7, "--adapter", models / "rnn_7", "--tokenizer", other, "--input", sentences))
+    msg = user_error(run_here("predict", 7, "--adapter", models / "rnn_7", "--tokenizer", other, "--input", sentences))
     assert "another tokenizer" in msg
 
 
@@ -182,7 +182,7 @@ def test_predict_with_a_data_vocabulary_student_gives_the_training_evaluation(te
     assert 0 < config["student"]["rows"] < config["student"]["vocab_size"]
     sentences, labels = load_cola(COLA_DIR)["dev"]
     (tmp_path / "dev.txt").write_text("\n".join(sentences) + "\n")
-    lines = ok(run("predict", 7, "--adapter", models / "distil_7", "--input", tmp_path / "dev.txt")).stdout.splitlines()
+    lines = ok(run_here("predict", 7, "--adapter", models / "distil_7", "--input", tmp_path / "dev.txt")).stdout.splitlines()
     names = config["labels"]
     predicted = [names.index(line.split(" (")[0]) for line in lines]
     acc = sum(p == y for p, y in zip(predicted, labels)) / len(labels)
@@ -198,7 +198,7 @@ def test_predict_with_a_data_vocabulary_student_gives_the_training_evaluation(te
 
 
 def test_no_teacher_names_the_command_and_writes_nothing(tmp_path):
-    msg = user_error(run("distil", 7, "--models-dir", tmp_path / "models", "--plots-dir", tmp_path / "plots",
+    msg = user_error(run_here("distil", 7, "--models-dir", tmp_path / "models", "--plots-dir", tmp_path / "plots",
                          *SMALL))
     assert "python run.py LoRA 7" in msg and "--teacher" in msg
     assert not (tmp_path / "models").exists() and not (tmp_path / "plots").exists()
@@ -208,7 +208,7 @@ def test_corrupt_teacher_is_a_clean_error_and_writes_nothing(teacher, tmp_path):
     bad = tmp_path / "models" / "LoRA_7"
     shutil.copytree(teacher / "models" / "LoRA_7", bad)
     (bad / "adapter_model.safetensors").write_bytes(b"\x00" * 100)
-    msg = user_error(run("distil", 7, "--models-dir", tmp_path / "models", "--plots-dir", tmp_path / "plots",
+    msg = user_error(run_here("distil", 7, "--models-dir", tmp_path / "models", "--plots-dir", tmp_path / "plots",
                          *SMALL))
     assert "python run.py LoRA 7" in msg
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["LoRA_7"]
@@ -217,7 +217,7 @@ def test_corrupt_teacher_is_a_clean_error_and_writes_nothing(teacher, tmp_path):
 def test_teacher_for_another_model_is_a_clean_error_and_writes_nothing(teacher, tmp_path):
     from conftest import save_hf_gpt2
     wider = save_hf_gpt2(tmp_path / "wider", n_layer=2, n_head=4, n_embd=128, n_positions=256)
-    msg = user_error(run("distil", 7, "--teacher", teacher / "models" / "LoRA_7", "--model", wider,
+    msg = user_error(run_here("distil", 7, "--teacher", teacher / "models" / "LoRA_7", "--model", wider,
                          "--models-dir", tmp_path / "models", "--plots-dir", tmp_path / "plots", *SMALL))
     assert "does not fit" in msg and "python run.py LoRA 7" in msg
     assert not (tmp_path / "models").exists()
@@ -233,7 +233,7 @@ def test_teacher_for_another_model_is_a_clean_error_and_writes_nothing(teacher, 
     (["--rnn-type", "transformer"], "argument --rnn-type"),
 ])
 def test_bad_student_flags(flags, message, tmp_path):
-    out = run("distil", 7, "--models-dir", tmp_path, *flags)
+    out = run_here("distil", 7, "--models-dir", tmp_path, *flags)
     assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
 
 
@@ -312,11 +312,11 @@ def test_predict_and_report_with_a_transformer_student(transformer_students, tmp
     config = json.loads((student / "run_config.json").read_text())
     sentences, labels = load_cola(COLA_DIR)["dev"]
     (tmp_path / "dev.txt").write_text("\n".join(sentences) + "\n")
-    lines = ok(run("predict", 7, "--adapter", student, "--input", tmp_path / "dev.txt")).stdout.splitlines()
+    lines = ok(run_here("predict", 7, "--adapter", student, "--input", tmp_path / "dev.txt")).stdout.splitlines()
     predicted = [config["labels"].index(line.split(" (")[0]) for line in lines]
     assert sum(p == y for p, y in zip(predicted, labels)) / len(labels) == pytest.approx(config["best"]["dev_acc"],
                                                                                          abs=1e-12)
-    ok(run("report", 7, "--models-dir", models, "--plots-dir", plots, "--out-dir", tmp_path / "reports"))
+    ok(run_here("report", 7, "--models-dir", models, "--plots-dir", plots, "--out-dir", tmp_path / "reports"))
     md = (tmp_path / "reports" / "report_7.md").read_text()
     assert "Speed/accuracy frontier" in md and "KD student tf1-bottom-base (distil)" in md
     assert "distil_tf1-bottom-base_7" in md and "frontier_7.png" in md
@@ -324,7 +324,7 @@ def test_predict_and_report_with_a_transformer_student(transformer_students, tmp
 
 @pytest.mark.parametrize("mode", ["distil", "rnn"])
 def test_more_student_layers_than_the_teacher_has_is_a_clean_error(teacher, tmp_path, mode):
-    out = run(mode, 7, "--models-dir", tmp_path / "models", "--plots-dir", tmp_path / "plots", "--teacher",
+    out = run_here(mode, 7, "--models-dir", tmp_path / "models", "--plots-dir", tmp_path / "plots", "--teacher",
               teacher / "models" / "LoRA_7", "--data-dir", COLA_DIR, "--limit-train", 16, "--student", "transformer",
               "--student-layers", 3)
     assert "--student-layers 3: the teacher's model" in user_error(out) and "has 2 layers" in out.stderr
@@ -370,6 +370,6 @@ def test_bad_transformer_student_flags_are_clean_errors(flags, message, tmp_path
 
 
 def test_a_transformer_student_without_teacher_names_the_command(tmp_path):
-    msg = user_error(run("rnn", 7, "--student", "transformer", "--models-dir", tmp_path / "models",
+    msg = user_error(run_here("rnn", 7, "--student", "transformer", "--models-dir", tmp_path / "models",
                          "--plots-dir", tmp_path / "plots", "--data-dir", COLA_DIR, "--limit-train", 16))
     assert "python run.py LoRA 7" in msg and "--teacher" in msg

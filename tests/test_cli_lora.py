@@ -1,12 +1,13 @@
 """The command line of the LoRA issue, as a user runs it: `python run.py LoRA|predict|gen ...` in a
-subprocess on the tiny random GPT-2 (with the real tokenizer) and the real CoLA files."""
+subprocess on the tiny random GPT-2 (with the real tokenizer) and the real CoLA files; commands that stop at bad input
+or train nothing in this process (conftest.run_here, run.main)."""
 import json
 import re
 
 import pytest
 import torch
 
-from conftest import COLA_DIR, ROOT, make_adapter, needs_cola, needs_tokenizer, ok, run, together, user_error
+from conftest import COLA_DIR, ROOT, make_adapter, needs_cola, needs_tokenizer, ok, run, run_here, together, user_error
 
 COLA_LABELS = ["unacceptable", "acceptable"]
 TIMING = ("train_sentences_per_s", "train_seconds")  # wall-clock, not reproducible
@@ -178,7 +179,7 @@ def test_predict_with_several_adapters_in_one_process(lora_run, tiny_dir, tmp_pa
                 "c": make_adapter(tiny_dir, tmp_path / "c", "lora", ["attn.c_attn"], layernorms=False, seed=2)}
     routed = "Only adapter b sees this one."
     (tmp_path / "in.txt").write_text("\n".join(SENTENCES) + f"\nb\t{routed}\n")
-    proc = ok(run("predict", 7, *[a for name, d in adapters.items() for a in ("--adapter", f"{name}={d}")],
+    proc = ok(run_here("predict", 7, *[a for name, d in adapters.items() for a in ("--adapter", f"{name}={d}")],
                   "--input", tmp_path / "in.txt"))
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == len(SENTENCES) + 1, proc.stdout
@@ -249,12 +250,12 @@ def test_dora_trains_exports_resumes_predicts_and_generates(tiny_dir, tmp_path):
     w = load_gpt(tiny_dir).transformer.h[0].mlp.c_fc.weight
     assert m.shape == (256,) and (m - w.norm(dim=1)).abs().max() > 1e-4  # it trained the magnitudes
     (tmp_path / "in.txt").write_text("\n".join(SENTENCES) + "\n")
-    predicted, generated, resumed, bad_ff, bad_alpha = together(
-        lambda: run("predict", 7, "--adapter", out, "--input", tmp_path / "in.txt"),
+    generated, resumed = together(
         lambda: run("gen", 7, "--model", tiny_dir, "--adapter", peft_dir, "--max-new-tokens", 3, "--temperature", 0),
-        lambda: run(*args, "--resume"),  # the same flags: the finished run's checkpoint reads back
-        lambda: run(*args, "--feedforward-modules", "mlp.c_proj"),
-        lambda: run(*lora_args(tiny_dir, tmp_path / "ia3", tmp_path / "plots"), "--peft", "ia3", "--rslora"))
+        lambda: run(*args, "--resume"))  # the same flags: the finished run's checkpoint reads back
+    predicted = run_here("predict", 7, "--adapter", out, "--input", tmp_path / "in.txt")
+    bad_ff = run_here(*args, "--feedforward-modules", "mlp.c_proj")
+    bad_alpha = run_here(*lora_args(tiny_dir, tmp_path / "ia3", tmp_path / "plots"), "--peft", "ia3", "--rslora")
     # predict (merged) against peft's own model of the exported files.
     tok = load_tokenizer(tiny_dir)
     theirs = PeftModel.from_pretrained(
@@ -288,7 +289,7 @@ BAD_ROWS = {
 def test_bad_cola_row_names_file_and_line(kind, tiny_dir, tmp_path):
     row, problem = BAD_ROWS[kind]
     data = write_cola(tmp_path / "cola", bad_train_row=row)
-    msg = user_error(run(*lora_args(tiny_dir, tmp_path / "out", tmp_path / "plots", data)))
+    msg = user_error(run_here(*lora_args(tiny_dir, tmp_path / "out", tmp_path / "plots", data)))
     assert f"{data / 'in_domain_train.tsv'}, line 5: " in msg and problem in msg
     assert "--skip-bad-rows" in msg
     assert not (tmp_path / "out").exists()
@@ -307,7 +308,7 @@ def test_skip_bad_rows_runs_and_counts(tiny_dir, tmp_path):
 
 def test_missing_data_dir_names_the_dir_and_the_hub(tiny_dir, tmp_path):
     missing = tmp_path / "no-cola-here"
-    msg = user_error(run(*lora_args(tiny_dir, tmp_path / "out", tmp_path / "plots", missing),
+    msg = user_error(run_here(*lora_args(tiny_dir, tmp_path / "out", tmp_path / "plots", missing),
                          env={"HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}))
     assert str(missing) in msg and "in_domain_train.tsv" in msg
     assert "hub" in msg and "nyu-mll/glue" in msg and "--data-dir" in msg
@@ -316,8 +317,8 @@ def test_missing_data_dir_names_the_dir_and_the_hub(tiny_dir, tmp_path):
 @needs_tokenizer
 def test_target_modules_matching_nothing(tiny_dir, tmp_path):
     data = write_cola(tmp_path / "cola")
-    msg = user_error(run(*lora_args(tiny_dir, tmp_path / "out", tmp_path / "plots", data),
-                         "--target-modules", "query", "value"))
+    msg = user_error(run_here(*lora_args(tiny_dir, tmp_path / "out", tmp_path / "plots", data),
+                              "--target-modules", "query", "value"))
     assert "--target-modules query value" in msg and "no nn.Linear matches" in msg and "c_attn" in msg
     assert not (tmp_path / "out").exists()
 
@@ -334,10 +335,10 @@ def test_adapter_that_is_not_an_adapter(tiny_dir, tmp_path):
     write_json(bert / "adapter_config.json", adapter_settings("lora", target_modules=["query", "value"]))
     save_file({"base_model.model.encoder.layer.0.attention.self.query.lora_A.weight": torch.zeros(4, 32)},
               bert / "adapter_model.safetensors")
-    predict_notes, gen_notes, predict_bert = together(
-        lambda: run("predict", 7, "--model", tiny_dir, "--adapter", tmp_path / "notes", "--input", tmp_path / "in.txt"),
-        lambda: run("gen", 7, "--model", tiny_dir, "--adapter", tmp_path / "notes", "--max-new-tokens", 2),
-        lambda: run("predict", 7, "--model", tiny_dir, "--adapter", bert, "--input", tmp_path / "in.txt"))
+    predict_notes = run_here("predict", 7, "--model", tiny_dir, "--adapter", tmp_path / "notes", "--input",
+                             tmp_path / "in.txt")
+    gen_notes = run_here("gen", 7, "--model", tiny_dir, "--adapter", tmp_path / "notes", "--max-new-tokens", 2)
+    predict_bert = run_here("predict", 7, "--model", tiny_dir, "--adapter", bert, "--input", tmp_path / "in.txt")
     msg = user_error(predict_notes)
     assert f"--adapter {tmp_path / 'notes'}" in msg and "adapter_config.json" in msg
     msg = user_error(gen_notes)
@@ -391,7 +392,7 @@ def test_sweep_writes_its_table_and_does_not_rerun_finished_configs(sweeps):
     assert rows[0].startswith("name,method,targets,r,alpha,dropout,trainable,") and len(rows) == 6
     assert (tmp_path / "plots" / "sweep_5.png").stat().st_size > 0
     assert len(metrics(tmp_path / "models" / "sweep_5" / "small")) == 2
-    again = ok(run(*args))
+    again = ok(run_here(*args))  # trains nothing (unless it wrongly would): in this process
     assert again.stdout.count("finished earlier") == 5 and "epoch 1/2" not in again.stdout
     assert (tmp_path / "plots" / "sweep_5.csv").read_text().splitlines() == rows
 
@@ -416,8 +417,8 @@ def test_sweep_configs_are_checked_before_anything_trains(tiny_dir, tmp_path):
              ('[{"name": "a/b"}]', "not a plain directory name")]
     for i, (text, _) in enumerate(cases):
         (tmp_path / f"bad{i}.json").write_text(text)
-    procs = together(*(lambda i=i: run("sweep", 5, "--model", tiny_dir, "--configs", tmp_path / f"bad{i}.json",
-                                       "--models-dir", tmp_path / "m") for i in range(len(cases))))
+    procs = [run_here("sweep", 5, "--model", tiny_dir, "--configs", tmp_path / f"bad{i}.json", "--models-dir",
+                      tmp_path / "m") for i in range(len(cases))]
     for proc, (_, expected) in zip(procs, cases):
         msg = user_error(proc)
         assert expected in msg, msg
@@ -430,5 +431,5 @@ def test_sweep_refuses_a_finished_config_run_with_other_settings(sweeps):
     ok(proc)
     config = json.loads((tmp_path / "models" / "sweep_5" / "one" / "adapter_config.json").read_text())
     assert config["feedforward_modules"] == []  # the default mlp.c_proj is not a target here: peft would refuse it
-    msg = user_error(run(*args, "--lr", 0.01))
+    msg = user_error(run_here(*args, "--lr", 0.01))
     assert "configuration one in" in msg and "differ in: lr" in msg

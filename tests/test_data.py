@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import data
-from conftest import SHARED, TOKENIZER_DIR, needs, needs_tokenizer, ok, run, together, user_error
+from conftest import SHARED, TOKENIZER_DIR, needs, needs_tokenizer, ok, run, run_here, user_error
 from train_utils import classification_metrics
 from utils import UserError
 
@@ -96,18 +96,16 @@ def test_own_three_class_file_trains_and_predicts(tiny_dir, tmp_path):
     rows = [("What a great and fun film.", "pos"), ("Awful, boring and long.", "neg"), ("It was a film.", "meh")] * 10
     train = write(tmp_path / "train.jsonl", "".join(json.dumps({"review": t, "y": y}) + "\n" for t, y in rows))
     out = tmp_path / "out"
-    proc, wrong_column = together(
-        lambda: run("LoRA", 4, "--model", tiny_dir, "--tokenizer", TOKENIZER_DIR, "--train-file", train,
-                    "--text-column", "review", "--label-column", "y", "--epochs", 1, "--out-dir", out,
-                    "--plots-dir", tmp_path / "plots"),
-        lambda: run("LoRA", 4, "--model", tiny_dir, "--tokenizer", TOKENIZER_DIR, "--train-file", train,
-                    "--epochs", 1, "--out-dir", tmp_path / "out2"))
+    proc = run("LoRA", 4, "--model", tiny_dir, "--tokenizer", TOKENIZER_DIR, "--train-file", train, "--text-column",
+               "review", "--label-column", "y", "--epochs", 1, "--out-dir", out, "--plots-dir", tmp_path / "plots")
+    wrong_column = run_here("LoRA", 4, "--model", tiny_dir, "--tokenizer", TOKENIZER_DIR, "--train-file", train,
+                            "--epochs", 1, "--out-dir", tmp_path / "out2")
     proc = ok(proc)
     assert "train: 24 training and 6 dev examples, 3 classes" in proc.stdout
     config = json.loads((out / "run_config.json").read_text())
     assert config["labels"] == ["meh", "neg", "pos"] and config["task"] == "train"
     write(tmp_path / "in.txt", "A great film.\n")
-    verdict = ok(run("predict", 4, "--adapter", out, "--input", tmp_path / "in.txt")).stdout
+    verdict = ok(run_here("predict", 4, "--adapter", out, "--input", tmp_path / "in.txt")).stdout
     assert verdict.split(" (")[0] in ("meh", "neg", "pos")
     msg = user_error(wrong_column)
     assert "line 1: no text (column 'text')" in msg and "--text-column" in msg
@@ -126,5 +124,5 @@ def test_expected_labels_are_checked(tmp_path):
 
 
 def test_eval_file_without_train_file_is_refused(tmp_path):
-    msg = user_error(run("LoRA", 1, "--eval-file", tmp_path / "x.tsv", "--out-dir", tmp_path / "o"))
+    msg = user_error(run_here("LoRA", 1, "--eval-file", tmp_path / "x.tsv", "--out-dir", tmp_path / "o"))
     assert "--eval-file, --text-column and --label-column go with --train-file" in msg

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import ROOT, THREADS, TINY, copy_checkpoint, needs_tokenizer, save_hf_gpt2, together
+from conftest import ROOT, THREADS, TINY, copy_checkpoint, needs_tokenizer, run_here, save_hf_gpt2, together
 from model import padding_mask
 from utils import UserError, load_gpt
 
@@ -238,7 +238,7 @@ def test_gen_cli_greedy_and_samples(gen_runs):
 
 
 def test_gen_cli_offline_error_without_weights():
-    out = run_cli("gen", "12345")
+    out = run_here("gen", "12345")
     assert out.returncode == 2
     assert "Traceback" not in out.stderr
     assert out.stderr.startswith("error: could not get the weights of model 'gpt2'")
@@ -258,7 +258,7 @@ def test_gen_cli_hub_unreachable_error():
 
 def test_gen_cli_missing_tokenizer_error(tiny_dir, tmp_path):
     d = copy_checkpoint(tiny_dir, tmp_path / "notok")
-    out = run_cli("gen", "1", "--model", str(d))
+    out = run_here("gen", "1", "--model", str(d))
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "no GPT-2 tokenizer" in out.stderr and "--tokenizer" in out.stderr
 
@@ -273,7 +273,7 @@ def test_gen_cli_missing_tokenizer_error(tiny_dir, tmp_path):
     (["gen", "1", "--device", "cuda"], "no CUDA GPU"),
 ])
 def test_gen_cli_bad_input(args, message):
-    out = run_cli(*args)
+    out = run_here(*args)
     assert out.returncode == 2
     assert message in out.stderr and "Traceback" not in out.stderr
 

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import data
-from conftest import COLA_DIR, ROOT, TOKENIZER_DIR, needs_cola, needs_tokenizer, ok, run, together, user_error
+from conftest import (COLA_DIR, ROOT, TOKENIZER_DIR, needs_cola, needs_tokenizer, ok, run, run_here, together,
+                      user_error)
 from machine import set_threads
 from utils import RunLock, UserError
 
@@ -143,15 +144,16 @@ def test_no_network_falls_back_to_the_hub_copy_with_both_dev_sets(tmp_path, monk
 
 @pytest.fixture(scope="module")
 def bare_runs(tiny_dir, tmp_path_factory):
-    """`python run.py LoRA 3 --model TINY ...` with no --data-dir and no $COLA_DIR, made at the same time from a
-    directory holding data/in_domain_*.tsv (60 lines each) and from an empty one: {name: (directory, process)}."""
+    """`python run.py LoRA 3 --model TINY ...` with no --data-dir and no $COLA_DIR, from a directory holding
+    data/in_domain_*.tsv (60 lines each), and from an empty one (an error: in this process, run_here):
+    {name: (directory, process)}."""
     course, empty = tmp_path_factory.mktemp("course-layout"), tmp_path_factory.mktemp("nothing-here")
     if COLA_DIR.is_dir():
         for name in ("in_domain_train.tsv", "in_domain_dev.tsv"):
             put(course / "data" / name, b"".join((COLA_DIR / name).read_bytes().splitlines(keepends=True)[:60]))
-    procs = together(lambda: run("LoRA", 3, "--model", tiny_dir, "--tokenizer", TOKENIZER_DIR, "--epochs", 1, cwd=course,
-                                 env={"COLA_DIR": ""}),
-                     lambda: run("LoRA", 3, "--model", tiny_dir, cwd=empty, env={"COLA_DIR": ""}))
+    procs = (run("LoRA", 3, "--model", tiny_dir, "--tokenizer", TOKENIZER_DIR, "--epochs", 1, cwd=course,
+                 env={"COLA_DIR": ""}),
+             run_here("LoRA", 3, "--model", tiny_dir, cwd=empty, env={"COLA_DIR": ""}))
     return {"course": (course, procs[0]), "empty": (empty, procs[1])}
 
 
@@ -195,7 +197,7 @@ def test_a_second_run_on_a_locked_directory_and_no_stale_lock_after_a_kill(tiny_
         assert holder.stdout.readline().strip() == "locked"
         args = ["LoRA", 3, "--model", tiny_dir, "--data-dir", COLA_DIR, "--limit-train", 64, "--epochs", 1,
                 "--out-dir", out, "--plots-dir", tmp_path / "plots"]
-        msg = user_error(run(*args))
+        msg = user_error(run_here(*args))
         assert f"{out} is in use by another run (pid {holder.pid} on " in msg
         assert "python run.py LoRA 3 (the first run)" in msg and "--out-dir" in msg
         assert sorted(p.name for p in out.iterdir()) == [".lock"]  # the second run wrote nothing
@@ -248,13 +250,13 @@ def test_resume_files_load_without_pickle_and_others_are_refused(lora_runs, tiny
     state = torch.load(out / "last.pt", weights_only=True)  # our own resume file needs no pickle
     assert state["epoch"] == 1 and set(state["trainable"]) and state["history"][1]["epoch"] == 2
     torch.save({**state, "extra": Payload()}, out / "last.pt")
-    proc = run(*args, "--resume")
+    proc = run_here(*args, "--resume")
     msg = user_error(proc)
     assert "PAYLOAD RAN" not in proc.stdout + proc.stderr
     assert f"--resume: {out / 'last.pt'} is not a resume checkpoint that can be read safely" in msg
     assert "Delete it to start afresh" in msg
     (out / "last.pt").write_bytes(b"PK\x03\x04 truncated")
-    assert "is not a resume checkpoint" in user_error(run(*args, "--resume"))
+    assert "is not a resume checkpoint" in user_error(run_here(*args, "--resume"))
 
 
 # --------------------------------------------------------------------------- file modes
@@ -294,7 +296,7 @@ def test_threads_from_the_flag_the_environment_or_the_cores(monkeypatch):
 def test_threads_flag_on_the_command_line(lora_runs):
     _, proc = lora_runs[0o022]  # made with --threads 2
     assert proc.stdout.startswith("CPU threads: 2 (--threads)\n")
-    assert "expected a positive int, got '0'" in run("LoRA", 3, "--threads", 0).stderr
+    assert "expected a positive int, got '0'" in run_here("LoRA", 3, "--threads", 0).stderr
 
 
 # --------------------------------------------------------------------------- logs

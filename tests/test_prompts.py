@@ -333,13 +333,13 @@ def test_cli_saves_pefts_files_and_peft_reads_them(cli_runs, tiny_dir):
 
 @cli
 def test_cli_predict_and_gen_put_the_virtual_tokens_first(cli_runs, tiny_dir, tmp_path):
-    from conftest import ok, run
+    from conftest import ok, run, run_here
     from flags import DEFAULT_PROMPT
     from model import GPT
     from utils import load_tokenizer
     sentences = ["The cat sat on the mat.", "Mat the on sat cat the."]
     (tmp_path / "in.txt").write_text("\n".join(sentences) + "\n")
-    proc = ok(run("predict", 7, "--adapter", f"a={cli_runs['prompt']}", "--adapter", f"b={cli_runs['prefix']}",
+    proc = ok(run_here("predict", 7, "--adapter", f"a={cli_runs['prompt']}", "--adapter", f"b={cli_runs['prefix']}",
                   "--input", tmp_path / "in.txt"))
     tok = load_tokenizer(tiny_dir)
     for line, sentence in zip(proc.stdout.strip().splitlines(), sentences):
@@ -366,7 +366,7 @@ def test_cli_predict_and_gen_put_the_virtual_tokens_first(cli_runs, tiny_dir, tm
 def test_cli_refuses_inconsistent_flags(tiny_dir, tiny, tmp_path, cli_runs, capsys):
     """Each refused before training, in this process (run.main, as the command line runs it)."""
     import run as cli
-    from conftest import COLA_DIR, run, together, user_error
+    from conftest import COLA_DIR, run, run_here, user_error
     args = lambda *extra: ["LoRA", 7, "--model", tiny_dir, "--data-dir", COLA_DIR, "--limit-train", 20,  # noqa
                            "--epochs", 1, "--out-dir", tmp_path / "out", "--plots-dir", tmp_path / "plots", *extra]
     cases = {
@@ -386,12 +386,11 @@ def test_cli_refuses_inconsistent_flags(tiny_dir, tiny, tmp_path, cli_runs, caps
     assert not (tmp_path / "out").exists()
     # Serving in mixed batches: on our GPT-2 (test_serve.py); on a transformers backbone refused, saying why.
     # A transformer student copying the teacher's layers: no layer holds the virtual tokens.
-    serve, distil = together(
-        lambda: run("serve", 7, "--model", tiny["llama"], "--tokenizer", tiny["llama"], "--adapter", cli_runs["prompt"],
-                    "--port", 1),
-        lambda: run("distil", 7, "--teacher", cli_runs["prompt"], "--student", "transformer", "--student-from",
-                    "teacher", "--student-layers", 1, "--data-dir", COLA_DIR, "--limit-train", 20, "--epochs", 1,
-                    "--models-dir", tmp_path / "models", "--plots-dir", tmp_path / "plots"))
+    serve = run("serve", 7, "--model", tiny["llama"], "--tokenizer", tiny["llama"], "--adapter", cli_runs["prompt"],
+                "--port", 1)  # a server: in a process of its own, should it start
+    distil = run_here("distil", 7, "--teacher", cli_runs["prompt"], "--student", "transformer", "--student-from",
+                      "teacher", "--student-layers", 1, "--data-dir", COLA_DIR, "--limit-train", 20, "--epochs", 1,
+                      "--models-dir", tmp_path / "models", "--plots-dir", tmp_path / "plots")
     msg = user_error(serve)
     assert "our GPT-2 only" in msg and "run.py predict" in msg
     assert "whose virtual tokens no layer holds" in user_error(distil)

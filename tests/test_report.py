@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from conftest import COLA_DIR, needs_cola, needs_tokenizer, ok, run, user_error
+from conftest import COLA_DIR, needs_cola, needs_tokenizer, ok, run, run_here, together, user_error
 
 pytestmark = [needs_tokenizer, needs_cola]
 SMALL = ["--data-dir", COLA_DIR, "--limit-train", 96, "--epochs", 2]
@@ -15,17 +15,20 @@ STUDENT = [*SMALL, "--emb-dim", 16, "--hidden", 16, "--seeds", 2]
 
 @pytest.fixture(scope="module")
 def runs(tiny_dir, tmp_path_factory):
-    """LoRA 5, distil 5 and rnn 5 (two seeds each) and a two-configuration sweep, as the README runs them."""
+    """LoRA 5, distil 5 and rnn 5 (two seeds each) and a two-configuration sweep, as the README runs them (the sweep,
+    which needs none of the others, made at the same time as LoRA)."""
     tmp = tmp_path_factory.mktemp("report")
     models, plots = tmp / "models", tmp / "plots"
     where = ["--plots-dir", plots]
-    ok(run("LoRA", 5, "--model", tiny_dir, *SMALL, "--out-dir", models / "LoRA_5", *where))
-    ok(run("distil", 5, "--models-dir", models, *STUDENT, *where))
-    ok(run("rnn", 5, "--models-dir", models, *STUDENT, *where))
     configs = tmp / "sweep.json"
     configs.write_text(json.dumps([{"name": "r2", "r": 2}, {"name": "ia3", "peft": "ia3"}]))
-    ok(run("sweep", 5, "--model", tiny_dir, *SMALL[:4], "--epochs", 1, "--configs", configs, "--models-dir", models,
-           *where))
+    for proc in together(
+            lambda: run("LoRA", 5, "--model", tiny_dir, *SMALL, "--out-dir", models / "LoRA_5", *where),
+            lambda: run("sweep", 5, "--model", tiny_dir, *SMALL[:4], "--epochs", 1, "--configs", configs,
+                        "--models-dir", models, *where)):
+        ok(proc)
+    ok(run("distil", 5, "--models-dir", models, *STUDENT, *where))
+    ok(run("rnn", 5, "--models-dir", models, *STUDENT, *where))
     return tmp, models, plots
 
 
@@ -33,14 +36,16 @@ def tiny_name(config):
     return config["model"].rstrip("/").split("/")[-1]
 
 
-def report(tmp, models, plots, sr=5, out="reports"):
-    proc = ok(run("report", sr, "--models-dir", models, "--plots-dir", plots, "--out-dir", tmp / out))
+def report(tmp, models, plots, sr=5, out="reports", how=run_here):
+    """`run.py report SR` into tmp/out: (process, report_SR.md, report_SR.html). The report reads runs and writes two
+    files, nothing else: made in this process (run_here) unless how=run (the first test's, in a process of its own)."""
+    proc = ok(how("report", sr, "--models-dir", models, "--plots-dir", plots, "--out-dir", tmp / out))
     return proc, (tmp / out / f"report_{sr}.md").read_text(), (tmp / out / f"report_{sr}.html").read_text()
 
 
 def test_report_has_every_section_and_the_run_files_figures(runs):
     tmp, models, plots = runs
-    proc, md, page = report(*runs)
+    proc, md, page = report(*runs, how=run)
     assert "report: " in proc.stdout and "missing:" not in proc.stdout and "warning:" not in proc.stdout
     for heading in ("# Report: SR 5", "## Fine-tuning with adapters", "### LoRA_5",
                     "## Distillation: teacher, KD students and scratch students", "### distil_5", "### distil_6",
@@ -121,7 +126,7 @@ def test_damaged_metrics_are_reported_and_the_rest_still_written(runs):
 
 def test_no_runs_is_a_clean_error_and_writes_nothing(runs, tmp_path):
     tmp, models, plots = runs
-    err = user_error(run("report", 99, "--models-dir", models, "--plots-dir", plots, "--out-dir", tmp_path / "r"))
+    err = user_error(run_here("report", 99, "--models-dir", models, "--plots-dir", plots, "--out-dir", tmp_path / "r"))
     assert "no runs of SR 99" in err and "python run.py LoRA 99" in err
     assert not (tmp_path / "r").exists()
 
