@@ -3,6 +3,7 @@
 Read top to bottom: config -> attention -> MLP -> Block -> GPT (+ classifier) -> adapters -> the student.
 Everything here is plain PyTorch; files and the hub are utils.py's business.
 """
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -63,9 +64,13 @@ class Dropout(nn.Dropout):
 # weight, and which kernel reads it fastest depends on the CPU and the row count: on a 2-core VM MKL's
 # matrix-matrix kernel with the weight first, W @ [x; 0]^T, took a step's matmuls from 34.8 ms (x @ W^T) to
 # 20.0 ms; on a 2-core Xeon with AVX-512 it takes twice as long as x @ W^T or the matrix-vector kernel for
-# one row (2304 x 768: 392 us against 181 and 192 us) and wins at 8 rows (371 against 450 us). So
-# model.Linear times these paths for each weight shape and row count the first time it meets them and runs
-# the fastest (fewrows_path). All compute the same sums in other orders: equal to float rounding.
+# one row (2304 x 768: 392 us against 181 and 192 us) and wins at 8 rows (371 against 450 us); on an AMD EPYC
+# with AVX-512 (and one with AVX2 only) x @ W with the weight stored [in, out], transformers' Conv1D layout,
+# is the fastest for 2304 x 768 and 3072 x 768 (0.37 against 0.46 ms for W @ x^T and 0.63 ms for x @ W^T,
+# the weight not in the cache). So model.Linear times these paths for each weight shape and row count the
+# first time it meets them and runs the fastest (fewrows_path); the [in, out] layout is a transposed copy of
+# the weight, made once by each layer that takes that path (Linear.transposed_weight; its memory:
+# transposed_bytes). All compute the same sums in other orders: equal to float rounding.
 
 def _linear(x, w, b):
     return F.linear(x, w, b)
@@ -83,8 +88,18 @@ def _matrix_vector(x, w, b):
     return (torch.addmv(b, w, x[0]) if b is not None else torch.mv(w, x[0]))[None]
 
 
-# name -> f(x (rows, in), weight (out, in), bias or None) -> (rows, out)
-FEWROWS_PATHS = {"x @ W^T": _linear, "W @ x^T": _weight_first, "matrix-vector": _matrix_vector}
+def _input_first(x, w, b, wt=None):
+    """x @ W with W stored [in, out]: wt, the transposed copy of w (out, in) that model.Linear keeps where
+    this path is chosen; made here when not given (a test's call, or a timing's)."""
+    wt = w.t().contiguous() if wt is None else wt
+    return torch.addmm(b, x, wt) if b is not None else x @ wt
+
+
+# name -> f(x (rows, in), weight (out, in), bias or None) -> (rows, out); the paths of TRANSPOSED take a
+# fourth argument, the weight's transposed copy (in, out).
+FEWROWS_PATHS = {"x @ W^T": _linear, "W @ x^T": _weight_first, "matrix-vector": _matrix_vector,
+                 "x @ W": _input_first}
+TRANSPOSED = ("x @ W",)  # the paths that read a copy of the weight, stored [in, out]: memory besides the model
 FEWROWS_CHOSEN = {}  # (out, in, bias?, rows, threads, dtype) -> the name of the fastest path, measured once
 
 
@@ -92,23 +107,63 @@ def fewrows_candidates(rows):
     return [name for name in FEWROWS_PATHS if rows == 1 or name != "matrix-vector"]
 
 
+@functools.lru_cache(maxsize=None)
+def largest_cache_bytes():
+    """The size of this CPU's largest cache (its last level, as one core sees it: /sys on Linux, sysctl on
+    macOS); 32 MiB where neither says."""
+    import glob
+    import subprocess
+    sizes = []
+    try:
+        for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+            with open(path) as f:
+                text = f.read().strip().upper()
+            scale = {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30}.get(text[-1:], 1)
+            sizes.append(int(text.rstrip("KMG")) * scale)
+        if not sizes:
+            for key in ("hw.l3cachesize", "hw.l2cachesize"):
+                out = subprocess.run(["sysctl", "-n", key], capture_output=True, text=True, timeout=5)
+                if out.returncode == 0 and out.stdout.strip().isdigit():
+                    sizes.append(int(out.stdout.strip()))
+    except (OSError, ValueError, subprocess.SubprocessError):
+        pass
+    return max(sizes, default=32 * 2 ** 20)
+
+
 def fewrows_timings(x, w, b, min_rounds=3, max_rounds=10, budget=0.05):
     """{path name: its fastest time in seconds} for x (rows, in) with this weight and bias: the candidates
     in turns, after one untimed round that allocates, for min_rounds, then on up to max_rounds while under
-    `budget` seconds in all: about 10 ms for each of GPT-2's block shapes, 0.1-0.3 s for its 50257-row
-    head, once per process. The fastest of several turns, so that a busy spell of a shared machine (which
-    stalls a call by a time slice) rarely decides."""
+    `budget` seconds of products in all: about 10 ms for each of GPT-2's block shapes, 0.1-0.3 s for its
+    50257-row head, once per process. The fastest of several turns, so that a busy spell of a shared machine
+    (which stalls a call by a time slice) rarely decides.
+    Each call reads a weight that is not in the cache, as decoding does (it streams every weight of the model
+    once a step; a weight read again at once is read from the cache, which favours other kernels: on an AMD
+    EPYC, 2304 x 768, x @ W^T 0.13 ms hot, 0.63 ms cold, W @ x^T 0.36 and 0.46 ms): the calls go round
+    copies of the weight, in each layout, that together exceed twice the largest cache."""
     names = fewrows_candidates(x.shape[0])
+    calls = (max_rounds + 1) * len(names)
+    size = w.numel() * w.element_size()
+    # k copies of the weight that the calls take in turn: between two reads of one copy, at least 2 caches' worth
+    # of other weights (a weight larger than that reads cold every time; a tiny one gets a copy a call, all in
+    # the cache, as a tiny model's decoding has them).
+    k = 1 if size >= 2 * largest_cache_bytes() else min(calls, 2 + 2 * largest_cache_bytes() // max(1, size))
+    with torch.no_grad():
+        weights = w.detach()[None] if k == 1 else w.detach().expand(k, *w.shape).contiguous()
+        transposed = w.detach().t().expand(k, *w.shape[::-1]).contiguous() if set(TRANSPOSED) & set(names) else None
     best = dict.fromkeys(names, math.inf)
-    t_start = time.perf_counter()
+    spent, turn = 0.0, 0
     for r in range(max_rounds + 1):
-        if r > min_rounds and time.perf_counter() - t_start > budget:
+        if r > min_rounds and spent > budget:
             break
         for name in names:
+            i, turn = turn % k, turn + 1
+            args = (x, weights[i], b) if name not in TRANSPOSED else (x, weights[i], b, transposed[i])
             t0 = time.perf_counter()
-            FEWROWS_PATHS[name](x, w, b)
+            FEWROWS_PATHS[name](*args)
+            seconds = time.perf_counter() - t0
             if r:
-                best[name] = min(best[name], time.perf_counter() - t0)
+                best[name] = min(best[name], seconds)
+                spent += seconds
     return best
 
 
@@ -117,11 +172,24 @@ def fewrows_path(x, w, b):
     time its shape, row count, torch thread count and dtype occur in this process."""
     key = (*w.shape, b is not None, x.shape[0], torch.get_num_threads(), w.dtype)
     if key not in FEWROWS_CHOSEN:
-        timings = fewrows_timings(x, w, b)
-        fastest, default = min(timings, key=timings.get), "x @ W^T"
-        # nn.Linear's own path unless another is clearly faster: a near tie is the machine's noise.
-        FEWROWS_CHOSEN[key] = fastest if timings[fastest] < 0.95 * timings[default] else default
+        FEWROWS_CHOSEN[key] = fewrows_choice(fewrows_timings(x, w, b))
     return FEWROWS_CHOSEN[key]
+
+
+def fewrows_choice(timings, default="x @ W^T", margin=0.95):
+    """nn.Linear's own path unless another is clearly faster (a near tie is the machine's noise); a path that
+    needs a transposed copy of the weight (memory) only when it is also clearly faster than the fastest path
+    that needs none."""
+    plain = {k: t for k, t in timings.items() if k not in TRANSPOSED}
+    choice = min(plain, key=plain.get)
+    if timings[choice] >= margin * timings[default]:
+        choice = default
+    copying = {k: t for k, t in timings.items() if k in TRANSPOSED}
+    if copying:
+        fastest = min(copying, key=copying.get)
+        if timings[fastest] < margin * timings[choice]:
+            choice = fastest
+    return choice
 
 
 class Linear(nn.Linear):
@@ -136,8 +204,39 @@ class Linear(nn.Linear):
                 or torch.is_autocast_enabled("cpu")):
             return super().forward(x)
         x2 = x.reshape(rows, x.shape[-1])
-        y = FEWROWS_PATHS[fewrows_path(x2, self.weight, self.bias)](x2, self.weight, self.bias)
+        name = fewrows_path(x2, self.weight, self.bias)
+        if name in TRANSPOSED:
+            y = FEWROWS_PATHS[name](x2, self.weight, self.bias, self.transposed_weight())
+        else:
+            y = FEWROWS_PATHS[name](x2, self.weight, self.bias)
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def transposed_weight(self):
+        """The weight stored [in, out], for the paths of TRANSPOSED: a copy made the first time, and again only
+        when the weight has changed since (an adapter merged into it, a load, a move); dropped when the layer
+        goes back to training (train()), where nn.Linear's path never reads it."""
+        w = self.weight
+        try:
+            version = w._version
+        except RuntimeError:  # an inference tensor keeps no version: it cannot change in place either
+            version = None
+        key = (w.data_ptr(), version, w.dtype, w.device, tuple(w.shape))
+        copy = self.__dict__.get("_transposed")
+        if copy is None or copy[0] != key:
+            with torch.no_grad():
+                copy = self.__dict__["_transposed"] = (key, w.detach().t().contiguous())
+        return copy[1]
+
+    def train(self, mode=True):
+        if mode:
+            self.__dict__.pop("_transposed", None)
+        return super().train(mode)
+
+
+def transposed_bytes(module):
+    """The memory of the transposed weight copies that module's model.Linear layers hold now, in bytes."""
+    return sum(m.__dict__["_transposed"][1].nbytes for m in module.modules()
+               if isinstance(m, Linear) and "_transposed" in m.__dict__)
 
 
 class CausalSelfAttention(nn.Module):
