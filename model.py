@@ -133,9 +133,10 @@ def largest_cache_bytes():
 def fewrows_timings(x, w, b, min_rounds=3, max_rounds=10, budget=0.05):
     """{path name: its fastest time in seconds} for x (rows, in) with this weight and bias: the candidates
     in turns, after one untimed round that allocates, for min_rounds, then on up to max_rounds while under
-    `budget` seconds of products in all: about 10 ms for each of GPT-2's block shapes, 0.1-0.3 s for its
-    50257-row head, once per process. The fastest of several turns, so that a busy spell of a shared machine
-    (which stalls a call by a time slice) rarely decides.
+    `budget` seconds of products in all. The fastest of several turns, so that a busy spell of a shared machine
+    (which stalls a call by a time slice) rarely decides. With the copies below, 0.1-0.3 s for each of GPT-2's
+    block shapes and about 0.8 s for its 50257-row head on a 2-core AMD EPYC, once per process (1.5 s before
+    the first token: 0.2 s when the timings read the weight from the cache, and chose wrongly).
     Each call reads a weight that is not in the cache, as decoding does (it streams every weight of the model
     once a step; a weight read again at once is read from the cache, which favours other kernels: on an AMD
     EPYC, 2304 x 768, x @ W^T 0.13 ms hot, 0.63 ms cold, W @ x^T 0.36 and 0.46 ms): the calls go round
@@ -149,7 +150,10 @@ def fewrows_timings(x, w, b, min_rounds=3, max_rounds=10, budget=0.05):
     k = 1 if size >= 2 * largest_cache_bytes() else min(calls, 2 + 2 * largest_cache_bytes() // max(1, size))
     with torch.no_grad():
         weights = w.detach()[None] if k == 1 else w.detach().expand(k, *w.shape).contiguous()
-        transposed = w.detach().t().expand(k, *w.shape[::-1]).contiguous() if set(TRANSPOSED) & set(names) else None
+        transposed = None
+        if set(TRANSPOSED) & set(names):  # transposed once, then copied in order (a strided copy is slower)
+            transposed = w.detach().t().contiguous()[None]
+            transposed = transposed if k == 1 else transposed.expand(k, *w.shape[::-1]).contiguous()
     best = dict.fromkeys(names, math.inf)
     spent, turn = 0.0, 0
     for r in range(max_rounds + 1):
@@ -199,17 +203,18 @@ class Linear(nn.Linear):
     SMALL = 8  # decoding's row counts (one per sequence); a prompt's prefill, run once, is nn.Linear's
 
     def forward(self, x):
-        rows = x.numel() // max(1, x.shape[-1])
-        if (not 0 < rows <= self.SMALL or torch.is_grad_enabled() or x.device.type != "cpu"
-                or torch.is_autocast_enabled("cpu")):
+        if torch.is_grad_enabled() or x.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
             return super().forward(x)
-        x2 = x.reshape(rows, x.shape[-1])
+        rows = x.numel() // max(1, x.shape[-1])
+        if not 0 < rows <= self.SMALL:
+            return super().forward(x)
+        x2 = x if x.dim() == 2 else x.reshape(rows, x.shape[-1])
         name = fewrows_path(x2, self.weight, self.bias)
         if name in TRANSPOSED:
             y = FEWROWS_PATHS[name](x2, self.weight, self.bias, self.transposed_weight())
         else:
             y = FEWROWS_PATHS[name](x2, self.weight, self.bias)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
 
     def transposed_weight(self):
         """The weight stored [in, out], for the paths of TRANSPOSED: a copy made the first time, and again only
