@@ -37,27 +37,69 @@ PRETRAINED = {
 }
 
 
+def dropout_keep(shape, p):
+    """Which elements of `shape` a CPU dropout at rate p keeps: an int16 tensor, 1 where kept, each with
+    probability 1 - p rounded to a multiple of 2^-15 (0.9 becomes 0.899994), else 0. Cheaper than torch's mask,
+    which draws a float64 uniform per element (bernoulli_, on one core): 15 random bits per element, four
+    elements from each 64-bit draw of the global generator (so the same seeding), kept when they are below
+    (1 - p) * 2^15. That comparison is made in integer arithmetic, in place on the draws, because a comparison,
+    which writes a bool per element, runs at a fifth of the speed of arithmetic on int16 (0.76 against 0.08 ms
+    for 1.7M elements on an AMD EPYC): with b the 15 bits and T the threshold, b - T is negative exactly when
+    b < T, and its sign bit shifted down, negated, is 1 there and 0 elsewhere. The same masks as the comparison,
+    bit for bit."""
+    threshold = round((1.0 - p) * 2 ** 15)
+    n = math.prod(shape)
+    draws = torch.empty((n + 3) // 4, dtype=torch.int64).random_()  # uniform on [0, 2^63)
+    if threshold >= 2 ** 15:  # p below 2^-16: every element kept (T does not fit in 15 bits)
+        return torch.ones(shape, dtype=torch.int16)
+    bits = draws.view(torch.int16)[:n]  # four uniform 15-bit numbers per draw, in the low bits
+    bits.bitwise_and_(0x7FFF).sub_(threshold).bitwise_right_shift_(15).neg_()  # 1 where b < T, else 0
+    return bits.view(shape)
+
+
+def dropout_mask(shape, p, dtype=torch.float32):
+    """dropout_keep's mask as factors: 1 / (1 - p) where an element is kept, else 0."""
+    return dropout_keep(shape, p).to(dtype).mul_(1.0 / (1.0 - p))
+
+
+class _Masked(torch.autograd.Function):
+    """x times a mask of 0s and 1s, times a scale; autograd keeps the mask as one byte per element (uint8), not
+    as the float factors x * mask would keep (4 bytes in float32): the masks of a LoRA step are a quarter of its
+    saved activations."""
+
+    @staticmethod
+    def forward(ctx, x, keep, scale):
+        ctx.scale = scale
+        ctx.save_for_backward(keep)
+        return (x * keep).mul_(scale)  # no float mask made: x * 1 * s is x * s, bit for bit
+
+    @staticmethod
+    def backward(ctx, grad):
+        keep, = ctx.saved_tensors
+        return (grad * keep).mul_(ctx.scale), None, None
+
+
+def cpu_dropout(x, p):
+    """Dropout at rate p (0 < p < 1) of a CPU tensor in training: x * dropout_mask, the mask kept for the
+    backward as one byte per element."""
+    return _Masked.apply(x, dropout_keep(x.shape, p).to(torch.uint8), 1.0 / (1.0 - p))
+
+
 class Dropout(nn.Dropout):
-    """nn.Dropout with a cheaper random mask on the CPU, where torch's dropout draws a float64 uniform
-    per element (bernoulli_, on one core) and dropout is a large share of a LoRA training step. This takes
-    15 random bits per element, four elements from each 64-bit draw of the global generator (so the same
-    seeding), and keeps an element when its bits are below (1 - p) * 2^15: the same distribution with p
-    rounded to a multiple of 2^-15 (0.1 becomes 0.100006), for a quarter of the generator's work.
-    Faster on any CPU by construction, so not measured per machine: torch's CPU generator is one serial
-    Mersenne twister everywhere, and its draws are most of the cost of torch's mask (a 555 x 3072
-    activation on a Xeon with AVX-512: torch's bernoulli_ 8.6 ms, these draws 1.3 ms, at 1 thread as at
-    2). The whole mask against one 31-bit draw per element and torch's: 2.0, 4.1, 7.6 ms on a 2-core VM;
-    4.0, 9.6, 10.1 ms on the 2-core Xeon (5.7, 10.1, 10.4 ms at 1 thread). Evaluation and other devices
-    (CUDA's fused kernel) are plain nn.Dropout."""
+    """nn.Dropout with a cheaper random mask on the CPU (dropout_keep, cpu_dropout), where dropout is a large share
+    of a LoRA training step. Faster on any CPU by construction, so not measured per machine: torch's CPU
+    generator is one serial Mersenne twister everywhere, and its draws are most of the cost of torch's mask (a
+    555 x 3072 activation on a Xeon with AVX-512: torch's bernoulli_ 8.6 ms, these draws 1.3 ms, at 1 thread as
+    at 2). The whole mask against one 31-bit draw per element and torch's: 2.0, 4.1, 7.6 ms on a 2-core VM;
+    4.0, 9.6, 10.1 ms on the 2-core Xeon (5.7, 10.1, 10.4 ms at 1 thread). Other devices (CUDA's fused kernel)
+    are plain nn.Dropout; in evaluation the input itself, as nn.Dropout returns it."""
 
     def forward(self, x):
-        if not self.training or x.device.type != "cpu" or not 0 < self.p < 1 or self.inplace:
+        if not self.training:
+            return x
+        if x.device.type != "cpu" or not 0 < self.p < 1 or self.inplace:
             return super().forward(x)
-        keep = 1.0 - self.p
-        n = x.numel()
-        draws = torch.empty((n + 3) // 4, dtype=torch.int64).random_()  # uniform on [0, 2^63)
-        bits = draws.view(torch.int16)[:n].view(x.shape) & 0x7FFF  # four uniform 15-bit numbers per draw
-        return x * (bits < round(keep * 2 ** 15)).to(x.dtype).mul_(1.0 / keep)
+        return cpu_dropout(x, self.p)
 
 
 # A product of a few rows with a weight (a decoding step: one token per sequence) is bound by reading the
@@ -274,7 +316,9 @@ class CausalSelfAttention(nn.Module):
         if prefix is not None:
             k, v = torch.cat([prefix[0], k], 2), torch.cat([prefix[1], v], 2)
         dropout = self.dropout if self.training else 0.0
-        if mask is not None:
+        if 0 < dropout < 1 and q.device.type == "cpu":
+            y = attention_with_dropout(q, k, v, mask, dropout)
+        elif mask is not None:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         else:
             # One new token attends to everything before it: no mask needed.
@@ -283,6 +327,21 @@ class CausalSelfAttention(nn.Module):
         if packing is not None:
             y = packing.pack(y)
         return self.resid_dropout(self.c_proj(y))
+
+
+def attention_with_dropout(q, k, v, mask, p):
+    """softmax(q k^T / sqrt(head size), masked) with dropout at rate p, times v: what SDPA computes on the CPU when
+    it has a dropout (its math path), with dropout_mask's mask instead of its float64 draw per attention weight,
+    B * heads * T^2 of them a layer, which is most of dropout's cost on long inputs. mask: None for plain causal
+    attention (as many keys as queries), or a boolean 'may attend' mask that broadcasts to (B, heads, T, keys)."""
+    att = (q @ k.transpose(-2, -1)).mul_(1.0 / math.sqrt(q.shape[-1]))
+    if mask is None:
+        T = q.shape[-2]
+        mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril_()
+    # The mask as an additive bias (0 or -inf): an addition runs several times faster than masked_fill.
+    att = att.add_(torch.zeros(mask.shape, dtype=att.dtype, device=q.device).masked_fill_(~mask, float("-inf")))
+    att = att.softmax(-1)
+    return cpu_dropout(att, p) @ v
 
 
 class MLP(nn.Module):

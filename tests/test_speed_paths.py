@@ -79,3 +79,64 @@ def test_the_timings_cover_every_candidate_and_leave_no_copy():
         assert set(timings) == set(model.fewrows_candidates(rows))
         assert all(0 < t < 1 for t in timings.values())
     assert model.largest_cache_bytes() > 0
+
+
+def test_the_arithmetic_mask_is_the_comparisons_bit_for_bit():
+    """dropout_mask's integer arithmetic keeps exactly the elements the comparison bits < T keeps, from the
+    same draws, for any rate; below 2^-16 (where the threshold 2^15 no longer fits the comparison's int16) it keeps
+    everything."""
+    assert torch.equal(model.dropout_mask((5, 3), 1e-6), torch.full((5, 3), 1 / (1 - 1e-6)))
+    for p in (0.1, 0.5, 0.3, 0.999):
+        for shape in ((7,), (3, 5, 7), (1000, 33)):
+            torch.manual_seed(1)
+            got = model.dropout_mask(shape, p)
+            torch.manual_seed(1)
+            n = torch.Size(shape).numel()
+            bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_().view(torch.int16)[:n].view(shape) & 0x7FFF
+            want = (bits < round((1 - p) * 2 ** 15)).float().mul_(1 / (1 - p))
+            assert torch.equal(got, want), (p, shape)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_attention_with_dropout_is_sdpas_with_our_mask(masked):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 9, 8) for _ in range(3))
+    mask = None
+    if masked:
+        mask = (torch.rand(2, 1, 9, 9) > 0.3) | torch.eye(9, dtype=torch.bool)
+    # At a vanishing rate, nothing is dropped: SDPA's attention.
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+    assert torch.allclose(model.attention_with_dropout(q, k, v, mask, 1e-9), want, atol=1e-6)
+    # At rate p: softmax's weights times dropout_mask's mask (the same draws), times v.
+    torch.manual_seed(3)
+    got = model.attention_with_dropout(q, k, v, mask, 0.25)
+    torch.manual_seed(3)
+    bias = torch.zeros(9, 9).masked_fill_(~torch.ones(9, 9, dtype=torch.bool).tril(), float("-inf")) if mask is None \
+        else torch.zeros(mask.shape).masked_fill_(~mask, float("-inf"))
+    weights = ((q @ k.transpose(-2, -1)) / 8 ** 0.5 + bias).softmax(-1)
+    assert torch.allclose(got, (weights * model.dropout_mask(weights.shape, 0.25)) @ v, atol=1e-6)
+    # About a quarter of the weights dropped.
+    torch.manual_seed(4)
+    ones = torch.ones(1, 1, 400, 1)
+    dropped = model.attention_with_dropout(ones, ones, torch.eye(400)[None, None], None, 0.25) == 0
+    real = torch.ones(400, 400, dtype=torch.bool).tril()
+    assert abs(dropped[0, 0][real].float().mean().item() - 0.25) < 0.01
+
+
+def test_cpu_dropout_keeps_a_byte_a_mask_and_its_gradient_is_the_mask():
+    """Dropout's output is x times dropout_mask (the same draws), its gradient the same mask, and what autograd
+    keeps of it is the uint8 mask, not float factors."""
+    x = torch.randn(37, 53, requires_grad=True)
+    torch.manual_seed(5)
+    y = model.Dropout(0.2).train()(x)
+    torch.manual_seed(5)
+    factors = model.dropout_mask(x.shape, 0.2)
+    assert torch.equal(y, x * factors)
+    g = torch.randn(37, 53)
+    y.backward(g)
+    assert torch.equal(x.grad, g * factors)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        model.Dropout(0.2).train()(x)
+    assert [t.dtype for t in saved] == [torch.uint8]
+    assert model.Dropout(0.2).eval()(x) is x
