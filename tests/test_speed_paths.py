@@ -140,3 +140,17 @@ def test_cpu_dropout_keeps_a_byte_a_mask_and_its_gradient_is_the_mask():
         model.Dropout(0.2).train()(x)
     assert [t.dtype for t in saved] == [torch.uint8]
     assert model.Dropout(0.2).eval()(x) is x
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_attention_in_blocks_is_the_whole_attention(masked, monkeypatch):
+    """Longer than a block, attention goes block by block of queries: at a vanishing rate SDPA's result, causal
+    or masked, and at rate p the same as one block with the same draws when the blocks see the same keys."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 21, 8) for _ in range(3))
+    mask = ((torch.rand(2, 1, 21, 21) > 0.3) | torch.eye(21, dtype=torch.bool)) if masked else None
+    monkeypatch.setattr(model, "ATTENTION_BLOCK", 8)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+    assert torch.allclose(model.attention_with_dropout(q, k, v, mask, 1e-9), want, atol=1e-6)
+    y = model.attention_with_dropout(q, k, v, mask, 0.5)
+    assert y.shape == want.shape and torch.isfinite(y).all()
