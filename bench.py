@@ -7,7 +7,8 @@ side by side with ratios and the targets, in one run. CPU, float32, no hub neede
                             batch vs one alone (total tokens/s)
     python bench.py lora    LoRA training on CoLA: sentences/s of ours vs transformers+peft, ours' FLOP/s
                             against this machine's matmul peak, peak memory of each, and ours' evaluation
-                            speed with the adapters merged vs unmerged
+                            speed with the adapters merged vs unmerged; DoRA and prompt tuning the same way;
+                            and long inputs (rows of ~700 tokens of CoLA's sentences one after the other)
     python bench.py precision LoRA training and evaluation under every --precision the CLI accepts on the
                             CPU (fp32, bf16, fp16), ours and transformers+peft on the same batches: sent/s
                             and the ratios to fp32 and to peft (a precision the CLI refuses here: one step)
@@ -61,7 +62,8 @@ def parser():
     p.add_argument("what", choices=["gen", "lora", "precision", "distil", "backbone", "threads", "serve", "all",
                                          "_lora_worker", "_serve_memory"],
                    help="what to benchmark")
-    p.add_argument("side", nargs="?", choices=["ours", "peft", "ours-dora", "peft-dora", "ours-prompt", "peft-prompt"],
+    p.add_argument("side", nargs="?", choices=["ours", "peft", "ours-dora", "peft-dora", "ours-prompt", "peft-prompt",
+                                                    "ours-long", "peft-long"],
                    help=argparse.SUPPRESS)
     p.add_argument("--workdir", help="where the random-weight checkpoint is written, and reused next time; "
                    "None: a temporary directory, removed afterwards")
@@ -76,6 +78,11 @@ def parser():
     p.add_argument("--steps", type=int, default=20, help="lora: timed training steps")
     p.add_argument("--warmup", type=int, default=3, help="lora: untimed warm-up steps before them")
     p.add_argument("--batch-size", type=int, default=32, help="lora: sentences per step")
+    p.add_argument("--long-tokens", type=int, default=704, help="lora: tokens of each row of the long-input rows "
+                   "(CoLA's training sentences one after the other, no padding); 0 leaves the long-input rows out")
+    p.add_argument("--long-batch", type=int, default=2, help="lora: rows per step of the long-input rows")
+    p.add_argument("--long-steps", type=int, default=3, help="lora: timed steps of the long-input rows (after one "
+                   "untimed)")
     p.add_argument("--precision-steps", type=int, default=6, help="precision: timed training steps per precision")
     p.add_argument("--eval-batches", type=int, default=5, help="lora: batches (of the timed ones) to evaluate")
     p.add_argument("--eval-repeats", type=int, default=5, help="lora: evaluations, merged and unmerged in turn")

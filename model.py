@@ -3,6 +3,7 @@
 Read top to bottom: config -> attention -> MLP -> Block -> GPT (+ classifier) -> adapters -> the student.
 Everything here is plain PyTorch; files and the hub are utils.py's business.
 """
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -36,36 +37,82 @@ PRETRAINED = {
 }
 
 
+def dropout_keep(shape, p):
+    """Which elements of `shape` a CPU dropout at rate p keeps: an int16 tensor, 1 where kept, each with
+    probability 1 - p rounded to a multiple of 2^-15 (0.9 becomes 0.899994), else 0. Cheaper than torch's mask,
+    which draws a float64 uniform per element (bernoulli_, on one core): 15 random bits per element, four
+    elements from each 64-bit draw of the global generator (so the same seeding), kept when they are below
+    (1 - p) * 2^15. That comparison is made in integer arithmetic, in place on the draws, because a comparison,
+    which writes a bool per element, runs at a fifth of the speed of arithmetic on int16 (0.76 against 0.08 ms
+    for 1.7M elements on an AMD EPYC): with b the 15 bits and T the threshold, b - T is negative exactly when
+    b < T, and its sign bit shifted down, negated, is 1 there and 0 elsewhere. The same masks as the comparison,
+    bit for bit."""
+    threshold = round((1.0 - p) * 2 ** 15)
+    n = math.prod(shape)
+    draws = torch.empty((n + 3) // 4, dtype=torch.int64).random_()  # uniform on [0, 2^63)
+    if threshold >= 2 ** 15:  # p below 2^-16: every element kept (T does not fit in 15 bits)
+        return torch.ones(shape, dtype=torch.int16)
+    bits = draws.view(torch.int16)[:n]  # four uniform 15-bit numbers per draw, in the low bits
+    bits.bitwise_and_(0x7FFF).sub_(threshold).bitwise_right_shift_(15).neg_()  # 1 where b < T, else 0
+    return bits.view(shape)
+
+
+def dropout_mask(shape, p, dtype=torch.float32):
+    """dropout_keep's mask as factors: 1 / (1 - p) where an element is kept, else 0."""
+    return dropout_keep(shape, p).to(dtype).mul_(1.0 / (1.0 - p))
+
+
+class _Masked(torch.autograd.Function):
+    """x times a mask of 0s and 1s, times a scale; autograd keeps the mask as one byte per element (uint8), not
+    as the float factors x * mask would keep (4 bytes in float32): the masks of a LoRA step are a quarter of its
+    saved activations."""
+
+    @staticmethod
+    def forward(ctx, x, keep, scale):
+        ctx.scale = scale
+        ctx.save_for_backward(keep)
+        return (x * keep).mul_(scale)  # no float mask made: x * 1 * s is x * s, bit for bit
+
+    @staticmethod
+    def backward(ctx, grad):
+        keep, = ctx.saved_tensors
+        return (grad * keep).mul_(ctx.scale), None, None
+
+
+def cpu_dropout(x, p):
+    """Dropout at rate p (0 < p < 1) of a CPU tensor in training: x * dropout_mask, the mask kept for the
+    backward as one byte per element."""
+    return _Masked.apply(x, dropout_keep(x.shape, p).to(torch.uint8), 1.0 / (1.0 - p))
+
+
 class Dropout(nn.Dropout):
-    """nn.Dropout with a cheaper random mask on the CPU, where torch's dropout draws a float64 uniform
-    per element (bernoulli_, on one core) and dropout is a large share of a LoRA training step. This takes
-    15 random bits per element, four elements from each 64-bit draw of the global generator (so the same
-    seeding), and keeps an element when its bits are below (1 - p) * 2^15: the same distribution with p
-    rounded to a multiple of 2^-15 (0.1 becomes 0.100006), for a quarter of the generator's work.
-    Faster on any CPU by construction, so not measured per machine: torch's CPU generator is one serial
-    Mersenne twister everywhere, and its draws are most of the cost of torch's mask (a 555 x 3072
-    activation on a Xeon with AVX-512: torch's bernoulli_ 8.6 ms, these draws 1.3 ms, at 1 thread as at
-    2). The whole mask against one 31-bit draw per element and torch's: 2.0, 4.1, 7.6 ms on a 2-core VM;
-    4.0, 9.6, 10.1 ms on the 2-core Xeon (5.7, 10.1, 10.4 ms at 1 thread). Evaluation and other devices
-    (CUDA's fused kernel) are plain nn.Dropout."""
+    """nn.Dropout with a cheaper random mask on the CPU (dropout_keep, cpu_dropout), where dropout is a large share
+    of a LoRA training step. Faster on any CPU by construction, so not measured per machine: torch's CPU
+    generator is one serial Mersenne twister everywhere, and its draws are most of the cost of torch's mask (a
+    555 x 3072 activation on a Xeon with AVX-512: torch's bernoulli_ 8.6 ms, these draws 1.3 ms, at 1 thread as
+    at 2). The whole mask against one 31-bit draw per element and torch's: 2.0, 4.1, 7.6 ms on a 2-core VM;
+    4.0, 9.6, 10.1 ms on the 2-core Xeon (5.7, 10.1, 10.4 ms at 1 thread). Other devices (CUDA's fused kernel)
+    are plain nn.Dropout; in evaluation the input itself, as nn.Dropout returns it."""
 
     def forward(self, x):
-        if not self.training or x.device.type != "cpu" or not 0 < self.p < 1 or self.inplace:
+        if not self.training:
+            return x
+        if x.device.type != "cpu" or not 0 < self.p < 1 or self.inplace:
             return super().forward(x)
-        keep = 1.0 - self.p
-        n = x.numel()
-        draws = torch.empty((n + 3) // 4, dtype=torch.int64).random_()  # uniform on [0, 2^63)
-        bits = draws.view(torch.int16)[:n].view(x.shape) & 0x7FFF  # four uniform 15-bit numbers per draw
-        return x * (bits < round(keep * 2 ** 15)).to(x.dtype).mul_(1.0 / keep)
+        return cpu_dropout(x, self.p)
 
 
 # A product of a few rows with a weight (a decoding step: one token per sequence) is bound by reading the
 # weight, and which kernel reads it fastest depends on the CPU and the row count: on a 2-core VM MKL's
 # matrix-matrix kernel with the weight first, W @ [x; 0]^T, took a step's matmuls from 34.8 ms (x @ W^T) to
 # 20.0 ms; on a 2-core Xeon with AVX-512 it takes twice as long as x @ W^T or the matrix-vector kernel for
-# one row (2304 x 768: 392 us against 181 and 192 us) and wins at 8 rows (371 against 450 us). So
-# model.Linear times these paths for each weight shape and row count the first time it meets them and runs
-# the fastest (fewrows_path). All compute the same sums in other orders: equal to float rounding.
+# one row (2304 x 768: 392 us against 181 and 192 us) and wins at 8 rows (371 against 450 us); on an AMD EPYC
+# with AVX-512 (and one with AVX2 only) x @ W with the weight stored [in, out], transformers' Conv1D layout,
+# is the fastest for 2304 x 768 and 3072 x 768 (0.37 against 0.46 ms for W @ x^T and 0.63 ms for x @ W^T,
+# the weight not in the cache). So model.Linear times these paths for each weight shape and row count the
+# first time it meets them and runs the fastest (fewrows_path); the [in, out] layout is a transposed copy of
+# the weight, made once by each layer that takes that path (Linear.transposed_weight; its memory:
+# transposed_bytes). All compute the same sums in other orders: equal to float rounding.
 
 def _linear(x, w, b):
     return F.linear(x, w, b)
@@ -83,8 +130,18 @@ def _matrix_vector(x, w, b):
     return (torch.addmv(b, w, x[0]) if b is not None else torch.mv(w, x[0]))[None]
 
 
-# name -> f(x (rows, in), weight (out, in), bias or None) -> (rows, out)
-FEWROWS_PATHS = {"x @ W^T": _linear, "W @ x^T": _weight_first, "matrix-vector": _matrix_vector}
+def _input_first(x, w, b, wt=None):
+    """x @ W with W stored [in, out]: wt, the transposed copy of w (out, in) that model.Linear keeps where
+    this path is chosen; made here when not given (a test's call, or a timing's)."""
+    wt = w.t().contiguous() if wt is None else wt
+    return torch.addmm(b, x, wt) if b is not None else x @ wt
+
+
+# name -> f(x (rows, in), weight (out, in), bias or None) -> (rows, out); the paths of TRANSPOSED take a
+# fourth argument, the weight's transposed copy (in, out).
+FEWROWS_PATHS = {"x @ W^T": _linear, "W @ x^T": _weight_first, "matrix-vector": _matrix_vector,
+                 "x @ W": _input_first}
+TRANSPOSED = ("x @ W",)  # the paths that read a copy of the weight, stored [in, out]: memory besides the model
 FEWROWS_CHOSEN = {}  # (out, in, bias?, rows, threads, dtype) -> the name of the fastest path, measured once
 
 
@@ -92,23 +149,67 @@ def fewrows_candidates(rows):
     return [name for name in FEWROWS_PATHS if rows == 1 or name != "matrix-vector"]
 
 
+@functools.lru_cache(maxsize=None)
+def largest_cache_bytes():
+    """The size of this CPU's largest cache (its last level, as one core sees it: /sys on Linux, sysctl on
+    macOS); 32 MiB where neither says."""
+    import glob
+    import subprocess
+    sizes = []
+    try:
+        for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+            with open(path) as f:
+                text = f.read().strip().upper()
+            scale = {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30}.get(text[-1:], 1)
+            sizes.append(int(text.rstrip("KMG")) * scale)
+        if not sizes:
+            for key in ("hw.l3cachesize", "hw.l2cachesize"):
+                out = subprocess.run(["sysctl", "-n", key], capture_output=True, text=True, timeout=5)
+                if out.returncode == 0 and out.stdout.strip().isdigit():
+                    sizes.append(int(out.stdout.strip()))
+    except (OSError, ValueError, subprocess.SubprocessError):
+        pass
+    return max(sizes, default=32 * 2 ** 20)
+
+
 def fewrows_timings(x, w, b, min_rounds=3, max_rounds=10, budget=0.05):
     """{path name: its fastest time in seconds} for x (rows, in) with this weight and bias: the candidates
     in turns, after one untimed round that allocates, for min_rounds, then on up to max_rounds while under
-    `budget` seconds in all: about 10 ms for each of GPT-2's block shapes, 0.1-0.3 s for its 50257-row
-    head, once per process. The fastest of several turns, so that a busy spell of a shared machine (which
-    stalls a call by a time slice) rarely decides."""
+    `budget` seconds of products in all. The fastest of several turns, so that a busy spell of a shared machine
+    (which stalls a call by a time slice) rarely decides. With the copies below, 0.1-0.3 s for each of GPT-2's
+    block shapes and about 0.8 s for its 50257-row head on a 2-core AMD EPYC, once per process (1.5 s before
+    the first token: 0.2 s when the timings read the weight from the cache, and chose wrongly).
+    Each call reads a weight that is not in the cache, as decoding does (it streams every weight of the model
+    once a step; a weight read again at once is read from the cache, which favours other kernels: on an AMD
+    EPYC, 2304 x 768, x @ W^T 0.13 ms hot, 0.63 ms cold, W @ x^T 0.36 and 0.46 ms): the calls go round
+    copies of the weight, in each layout, that together exceed twice the largest cache."""
     names = fewrows_candidates(x.shape[0])
+    calls = (max_rounds + 1) * len(names)
+    size = w.numel() * w.element_size()
+    # k copies of the weight that the calls take in turn: between two reads of one copy, at least 2 caches' worth
+    # of other weights (a weight larger than that reads cold every time; a tiny one gets a copy a call, all in
+    # the cache, as a tiny model's decoding has them).
+    k = 1 if size >= 2 * largest_cache_bytes() else min(calls, 2 + 2 * largest_cache_bytes() // max(1, size))
+    with torch.no_grad():
+        weights = w.detach()[None] if k == 1 else w.detach().expand(k, *w.shape).contiguous()
+        transposed = None
+        if set(TRANSPOSED) & set(names):  # transposed once, then copied in order (a strided copy is slower)
+            transposed = w.detach().t().contiguous()[None]
+            transposed = transposed if k == 1 else transposed.expand(k, *w.shape[::-1]).contiguous()
     best = dict.fromkeys(names, math.inf)
-    t_start = time.perf_counter()
+    spent, turn = 0.0, 0
     for r in range(max_rounds + 1):
-        if r > min_rounds and time.perf_counter() - t_start > budget:
+        if r > min_rounds and spent > budget:
             break
         for name in names:
+            i, turn = turn % k, turn + 1
+            args = (x, weights[i], b) if name not in TRANSPOSED else (x, weights[i], b, transposed[i])
             t0 = time.perf_counter()
-            FEWROWS_PATHS[name](x, w, b)
+            FEWROWS_PATHS[name](*args)
+            seconds = time.perf_counter() - t0
             if r:
-                best[name] = min(best[name], time.perf_counter() - t0)
+                best[name] = min(best[name], seconds)
+                spent += seconds
     return best
 
 
@@ -117,11 +218,24 @@ def fewrows_path(x, w, b):
     time its shape, row count, torch thread count and dtype occur in this process."""
     key = (*w.shape, b is not None, x.shape[0], torch.get_num_threads(), w.dtype)
     if key not in FEWROWS_CHOSEN:
-        timings = fewrows_timings(x, w, b)
-        fastest, default = min(timings, key=timings.get), "x @ W^T"
-        # nn.Linear's own path unless another is clearly faster: a near tie is the machine's noise.
-        FEWROWS_CHOSEN[key] = fastest if timings[fastest] < 0.95 * timings[default] else default
+        FEWROWS_CHOSEN[key] = fewrows_choice(fewrows_timings(x, w, b))
     return FEWROWS_CHOSEN[key]
+
+
+def fewrows_choice(timings, default="x @ W^T", margin=0.95):
+    """nn.Linear's own path unless another is clearly faster (a near tie is the machine's noise); a path that
+    needs a transposed copy of the weight (memory) only when it is also clearly faster than the fastest path
+    that needs none."""
+    plain = {k: t for k, t in timings.items() if k not in TRANSPOSED}
+    choice = min(plain, key=plain.get)
+    if timings[choice] >= margin * timings[default]:
+        choice = default
+    copying = {k: t for k, t in timings.items() if k in TRANSPOSED}
+    if copying:
+        fastest = min(copying, key=copying.get)
+        if timings[fastest] < margin * timings[choice]:
+            choice = fastest
+    return choice
 
 
 class Linear(nn.Linear):
@@ -131,13 +245,45 @@ class Linear(nn.Linear):
     SMALL = 8  # decoding's row counts (one per sequence); a prompt's prefill, run once, is nn.Linear's
 
     def forward(self, x):
-        rows = x.numel() // max(1, x.shape[-1])
-        if (not 0 < rows <= self.SMALL or torch.is_grad_enabled() or x.device.type != "cpu"
-                or torch.is_autocast_enabled("cpu")):
+        if torch.is_grad_enabled() or x.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
             return super().forward(x)
-        x2 = x.reshape(rows, x.shape[-1])
-        y = FEWROWS_PATHS[fewrows_path(x2, self.weight, self.bias)](x2, self.weight, self.bias)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        rows = x.numel() // max(1, x.shape[-1])
+        if not 0 < rows <= self.SMALL:
+            return super().forward(x)
+        x2 = x if x.dim() == 2 else x.reshape(rows, x.shape[-1])
+        name = fewrows_path(x2, self.weight, self.bias)
+        if name in TRANSPOSED:
+            y = FEWROWS_PATHS[name](x2, self.weight, self.bias, self.transposed_weight())
+        else:
+            y = FEWROWS_PATHS[name](x2, self.weight, self.bias)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
+
+    def transposed_weight(self):
+        """The weight stored [in, out], for the paths of TRANSPOSED: a copy made the first time, and again only
+        when the weight has changed since (an adapter merged into it, a load, a move); dropped when the layer
+        goes back to training (train()), where nn.Linear's path never reads it."""
+        w = self.weight
+        try:
+            version = w._version
+        except RuntimeError:  # an inference tensor keeps no version: it cannot change in place either
+            version = None
+        key = (w.data_ptr(), version, w.dtype, w.device, tuple(w.shape))
+        copy = self.__dict__.get("_transposed")
+        if copy is None or copy[0] != key:
+            with torch.no_grad():
+                copy = self.__dict__["_transposed"] = (key, w.detach().t().contiguous())
+        return copy[1]
+
+    def train(self, mode=True):
+        if mode:
+            self.__dict__.pop("_transposed", None)
+        return super().train(mode)
+
+
+def transposed_bytes(module):
+    """The memory of the transposed weight copies that module's model.Linear layers hold now, in bytes."""
+    return sum(m.__dict__["_transposed"][1].nbytes for m in module.modules()
+               if isinstance(m, Linear) and "_transposed" in m.__dict__)
 
 
 class CausalSelfAttention(nn.Module):
@@ -170,7 +316,9 @@ class CausalSelfAttention(nn.Module):
         if prefix is not None:
             k, v = torch.cat([prefix[0], k], 2), torch.cat([prefix[1], v], 2)
         dropout = self.dropout if self.training else 0.0
-        if mask is not None:
+        if 0 < dropout < 1 and q.device.type == "cpu":
+            y = attention_with_dropout(q, k, v, mask, dropout)
+        elif mask is not None:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         else:
             # One new token attends to everything before it: no mask needed.
@@ -179,6 +327,43 @@ class CausalSelfAttention(nn.Module):
         if packing is not None:
             y = packing.pack(y)
         return self.resid_dropout(self.c_proj(y))
+
+
+ATTENTION_BLOCK = 256  # queries a block in attention_with_dropout
+
+
+def attention_with_dropout(q, k, v, mask, p):
+    """softmax(q k^T / sqrt(head size), masked) with dropout at rate p, times v: what SDPA computes on the CPU when
+    it has a dropout (its math path, which makes the whole B x heads x T x keys matrix of weights), with
+    cpu_dropout's mask instead of its float64 draw per attention weight, and in blocks of ATTENTION_BLOCK queries:
+    plain causal attention then computes each block against the keys up to its last query only, about half the
+    work for long inputs, and every block's weights are a fraction of the whole matrix. On a 2-core AMD EPYC, one
+    thread, 2 rows of 704 tokens, 12 heads, forward and backward: SDPA with dropout 642 ms, the whole matrix with
+    this mask 563 ms, in blocks of 256 queries 208 ms (SDPA without dropout, its flash kernel: 185 ms).
+    mask: None for plain causal attention (as many keys as queries), or a boolean 'may attend' mask that
+    broadcasts to (B, heads, T, keys)."""
+    T = q.shape[-2]
+    if T <= ATTENTION_BLOCK:
+        if mask is None:
+            mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril_()
+        return _attention_block(q, k, v, mask, p)
+    blocks = []
+    for s in range(0, T, ATTENTION_BLOCK):
+        e = min(T, s + ATTENTION_BLOCK)
+        if mask is None:  # query s + i sees keys 0 .. s + i
+            block_mask, keys = torch.ones(e - s, e, dtype=torch.bool, device=q.device).tril_(s), e
+        else:
+            block_mask, keys = mask[..., s:e, :] if mask.shape[-2] > 1 else mask, k.shape[-2]
+        blocks.append(_attention_block(q[..., s:e, :], k[..., :keys, :], v[..., :keys, :], block_mask, p))
+    return torch.cat(blocks, -2)
+
+
+def _attention_block(q, k, v, mask, p):
+    att = (q @ k.transpose(-2, -1)).mul_(1.0 / math.sqrt(q.shape[-1]))
+    # The mask as an additive bias (0 or -inf): an addition runs several times faster than masked_fill.
+    att = att.add_(torch.zeros(mask.shape, dtype=att.dtype, device=q.device).masked_fill_(~mask, float("-inf")))
+    att = att.softmax(-1)
+    return cpu_dropout(att, p) @ v
 
 
 class MLP(nn.Module):

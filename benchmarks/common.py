@@ -75,6 +75,26 @@ def cola_batches(args):
     return batches
 
 
+def long_batches(args):
+    """1 + --long-steps batches of --long-batch rows of --long-tokens tokens each, no padding: CoLA's training
+    sentences (shuffled with seed 0) one after the other, cut into rows, labels alternating."""
+    import random
+    from data import load_cola
+    from utils import load_tokenizer
+    sentences, _ = load_cola(args.data_dir)["train"]
+    sentences = list(sentences)
+    random.Random(0).shuffle(sentences)
+    need = (1 + args.long_steps) * args.long_batch * args.long_tokens
+    ids = []
+    tok = load_tokenizer(args.tokenizer)
+    for s in sentences:
+        ids.extend(tok(" " + s)["input_ids"])
+        if len(ids) >= need:
+            break
+    rows = torch.tensor(ids[:need]).view(1 + args.long_steps, args.long_batch, args.long_tokens)
+    return [{"input_ids": r, "attention_mask": torch.ones_like(r), "labels": torch.arange(len(r)) % 2} for r in rows]
+
+
 def build_ours(ckpt, kind="lora"):
     """GPT-2 with LoRA (or DoRA) r=4 on LORA_TARGETS, or 20 virtual tokens of prompt tuning; layer norms and
     head trained."""

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import (BENCH, LORA_TARGETS, ROOT, build_ours, build_peft, cola_batches, logits,
-                               matmul_seconds, timed)
+                               long_batches, matmul_seconds, timed)
 
 MATMUL_SIZE = 2048  # the machine's peak: a 2048^3 float32 matmul
 
@@ -26,18 +26,22 @@ MATMUL_SIZE = 2048  # the machine's peak: a 2048^3 float32 matmul
 def lora_worker(side, args, ckpt):
     """One side's training figures (and, for ours, the machine's matmul peak measured between the steps,
     and evaluation merged vs unmerged) as one JSON line on stdout. Sides ours-dora and peft-dora: DoRA's
-    training alone."""
+    training alone; ours-long and peft-long: LoRA's training on the long inputs (long_batches), one untimed step
+    first."""
     torch.manual_seed(0)
-    batches = cola_batches(args)
     side, _, kind = side.partition("-")
-    model = build_ours(ckpt, kind or "lora") if side == "ours" else build_peft(ckpt, kind or "lora")
+    batches = long_batches(args) if kind == "long" else cola_batches(args)
+    if kind == "long":
+        args.warmup = 1
+    method = "lora" if kind == "long" else kind or "lora"
+    model = build_ours(ckpt, method) if side == "ours" else build_peft(ckpt, method)
     params = [p for p in model.parameters() if p.requires_grad]
     step = partial(train_step, model, side, params, torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01))
     model.train()
     for batch in batches[:args.warmup]:
         step(batch)
     work = batches[args.warmup:]
-    result = time_training(side, model, step, work, diagnostics=not kind)
+    result = time_training(side, model, step, work, diagnostics=kind in ("", "long"))
     if side == "ours" and not kind:
         result.update(time_evaluation(args, model, work))
     print(json.dumps(result))
@@ -115,12 +119,13 @@ def time_evaluation(args, model, work):
 
 # --------------------------------------------------------------------------- the benchmark: both sides
 
-# The other methods' worker sides: their training alone, on the same steps.
+# The other methods' worker sides: their training alone, on the same steps; and LoRA on long inputs.
 SIDES = ("ours-dora", "peft-dora", "ours-prompt", "peft-prompt")
+LONG = ("ours-long", "peft-long")
 
 
 def bench_lora(args, ckpt):
-    results = {side: run_worker(args, side) for side in ("ours", "peft", *SIDES)}
+    results = {side: run_worker(args, side) for side in ("ours", "peft", *SIDES, *(LONG if args.long_tokens else ()))}
     ours, peft = results["ours"], results["peft"]
     n = ours["sentences"]
     print(f"lora: {args.steps} AdamW steps (after {args.warmup} untimed) on the same batches of {args.batch_size} "
@@ -128,15 +133,17 @@ def bench_lora(args, ckpt):
           f"the padding; LoRA r=4 alpha=4 dropout 0.1 on {' '.join(LORA_TARGETS)}, layer norms and head trained")
     o_sps, p_sps = n / ours["train_s"], n / peft["train_s"]
     print(f"lora train: ours {o_sps:.1f} sent/s | transformers+peft {p_sps:.1f} sent/s | ratio "
-          f"{o_sps / p_sps:.2f}x (target >= 1.5x)")
+          f"{o_sps / p_sps:.2f}x (target >= 3x)")
     for kind, what, target in (("dora", "DoRA (the same steps, use_dora)", 1.5),
                                ("prompt", "prompt tuning (20 virtual tokens, no adapter in the layers)", 1.0)):
         o_sps, p_sps = n / results[f"ours-{kind}"]["train_s"], n / results[f"peft-{kind}"]["train_s"]
         print(f"lora train {what}: ours {o_sps:.1f} sent/s | transformers+peft {p_sps:.1f} sent/s | ratio "
               f"{o_sps / p_sps:.2f}x (target >= {target}x)")
     print_flops(args, ours)
+    if args.long_tokens:
+        print_long(args, results["ours-long"], results["peft-long"])
     print(f"lora peak memory: ours {ours['max_rss_mb']:.0f} MB | transformers+peft {peft['max_rss_mb']:.0f} MB | "
-          f"ratio {ours['max_rss_mb'] / peft['max_rss_mb']:.2f}x (target <= 0.8x) (ru_maxrss of each side's own "
+          f"ratio {ours['max_rss_mb'] / peft['max_rss_mb']:.2f}x (target <= 0.45x) (ru_maxrss of each side's own "
           f"process: loading the model, then training)")
     m = ours["eval_sentences"]
     um_sps, m_sps = m / ours["eval_unmerged_s"], m / ours["eval_merged_s"]
@@ -150,7 +157,9 @@ def run_worker(args, side):
     cmd = [sys.executable, str(BENCH), "_lora_worker", side, "--workdir", str(args.workdir),
            "--tokenizer", args.tokenizer, "--data-dir", args.data_dir, "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--batch-size", str(args.batch_size), "--threads", str(args.threads),
-           "--eval-batches", str(args.eval_batches), "--eval-repeats", str(args.eval_repeats)]
+           "--eval-batches", str(args.eval_batches), "--eval-repeats", str(args.eval_repeats),
+           "--long-tokens", str(args.long_tokens), "--long-batch", str(args.long_batch),
+           "--long-steps", str(args.long_steps)]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if out.returncode != 0:
         sys.exit(f"bench.py _lora_worker {side} failed:\n{out.stderr[-3000:]}")
@@ -172,11 +181,22 @@ def print_flops(args, ours):
     achieved, peak = flops / ours["train_s"], ours["matmul_flops"]
     print(f"lora FLOP/s: ours {achieved / 1e9:.1f} GFLOP/s = {100 * achieved / peak:.0f}% of this machine's float32 "
           f"matmul peak, {peak / 1e9:.1f} GFLOP/s (median 2048^3 torch.matmul between the steps, "
-          f"{args.threads} threads) (target >= 50%)")
+          f"{args.threads} threads) (target >= 65%)")
     no_drop, share = flops / ours["train_no_dropout_s"], 1 - ours["train_no_dropout_s"] / ours["train_s"]
     print(f"lora FLOP/s: ours with every dropout off (a diagnostic, not a fair setting) {no_drop / 1e9:.1f} GFLOP/s "
-          f"= {100 * no_drop / peak:.0f}% of the peak: dropout takes {100 * share:.0f}% of ours' step time, for its "
-          f"random numbers (one per activation, drawn on one core)")
+          f"= {100 * no_drop / peak:.0f}% of the peak: dropout takes {100 * share:.0f}% of ours' step time (target <= 5%), "
+          f"for its masks (15 random bits an activation, drawn on one core)")
     print(f"lora FLOP/s: model FLOPs = 4 * {n_matmul / 1e6:.1f}M matmul weights * real tokens + "
           f"12 * n_layer * n_embd * B * T^2 (attention) = {flops / 1e12:.2f} TFLOP over the timed steps; "
           f"4N not 6N per token: the frozen base weights get no gradient")
+
+
+def print_long(args, ours, peft):
+    """The long inputs: tokens/s of each side, the ratio, and what dropout takes of ours' step there."""
+    o_tps, p_tps = ours["real_tokens"] / ours["train_s"], peft["real_tokens"] / peft["train_s"]
+    share = 1 - ours["train_no_dropout_s"] / ours["train_s"]
+    print(f"lora train long inputs ({args.long_steps} steps of {args.long_batch} rows of {args.long_tokens} tokens, "
+          f"CoLA's training sentences one after the other, no padding): ours {o_tps:.0f} tok/s | transformers+peft "
+          f"{p_tps:.0f} tok/s | ratio {o_tps / p_tps:.2f}x (target >= 2.5x); dropout takes {100 * share:.0f}% of "
+          f"ours' step there (same steps with every dropout off); peak memory ours {ours['max_rss_mb']:.0f} MB | "
+          f"transformers+peft {peft['max_rss_mb']:.0f} MB", flush=True)

@@ -364,7 +364,7 @@ def test_the_chooser_takes_the_fastest_path_and_keeps_nn_linears_on_a_tie(monkey
         return lambda *a, f=model.FEWROWS_PATHS[name]: time.sleep(seconds) or f(*a)
 
     with monkeypatch.context() as m:
-        for name in ("x @ W^T", "matrix-vector"):
+        for name in ("x @ W^T", "matrix-vector", "x @ W"):
             m.setitem(model.FEWROWS_PATHS, name, slowed(name, 0.003))
         assert model.fewrows_path(x, w, None) == "W @ x^T"
     model.FEWROWS_CHOSEN.clear()
