@@ -108,7 +108,7 @@ class Teacher:
         if info:
             print(f"warning: teacher-logit cache: {info}")
         model = self.load()
-        t0 = time.time()  # under torchrun each rank computes its share of the sentences (predict_logits)
+        t0 = time.time()  # under torchrun each rank computes its share of the batches (predict_logits)
         logits = logits_by_length(model, examples, self.device, self.batch_size, None, desc=f"teacher: {name}")
         assert bool(torch.isfinite(logits).all()), "the teacher's logits are not finite"
         seconds = time.time() - t0

@@ -136,18 +136,24 @@ def to_device(batch, device):
 @torch.no_grad()
 def predict_logits(model, examples, device, batch_size=128, amp_dtype=None, desc="eval", progress=True):
     """(len(examples), num_labels) float32 logits on the CPU, in the examples' order. Under torchrun each
-    process computes every world-th example and all of them get all the logits."""
+    process computes every world-th batch of batch_size and all of them get all the logits: whole batches, not
+    every world-th sentence, so that each sentence is padded and computed in the same batch as on one process,
+    and float32 logits are bit for bit those of one process (sentences batched otherwise differed by up to 9e-8:
+    another padding and matrix shape, another rounding)."""
     rank, world = distributed()
     if world > 1:
         import torch.distributed as dist
-        mine = local_logits(model, examples.subset(list(range(rank, len(examples), world))), device,
-                            batch_size, amp_dtype, desc, progress and rank == 0) if rank < len(examples) else None
+        starts = range(0, len(examples), batch_size)
+        shares = [[i for s in starts[r::world] for i in range(s, min(s + batch_size, len(examples)))]
+                  for r in range(world)]
+        mine = local_logits(model, examples.subset(shares[rank]), device, batch_size, amp_dtype, desc,
+                            progress and rank == 0) if shares[rank] else None
         parts = [None] * world
         dist.all_gather_object(parts, mine)
         out = torch.empty(len(examples), next(p for p in parts if p is not None).shape[1])
-        for r, part in enumerate(parts):
+        for share, part in zip(shares, parts):
             if part is not None:
-                out[r::world] = part
+                out[share] = part
         return out
     return local_logits(model, examples, device, batch_size, amp_dtype, desc, progress)
 
