@@ -100,18 +100,19 @@ def test_resume_under_two_processes_is_the_uninterrupted_run(quiet_gpt2, tmp_pat
 
 
 def test_a_transformer_student_under_two_processes(lora_runs, tmp_path):
-    """A transformer student with the hidden-state loss: the same student from two processes as from one. (It once
-    differed by 3e-3 in full-suite runs: --teacher-precision auto then timed bf16 against fp32, so a busy machine
-    gave one run a bf16 teacher and the other fp32; auto now reads the CPU's flags.)"""
+    """A transformer student with the hidden-state loss: the same student from two processes as from one, with a
+    float32 teacher on every CPU (auto picks bf16 only where the CPU has it). Within 1e-4, not 1e-5: the two sum
+    the same gradients in another order, and Adam turns that rounding into up to 5.9e-5 at three embedding weights
+    whose gradients sit near its eps (1e-8) (docs/torchrun.md); a wrong reduction of the loss is 5.1e-3 off."""
     tmp, _, _ = lora_runs
     common = [*DATA, "--epochs", 1, "--student", "transformer", "--student-layers", 1, "--lr", 1e-3,
-              "--kd-hidden", 1, "--teacher", tmp / "one", "--plots-dir", tmp_path / "plots"]
+              "--kd-hidden", 1, "--teacher-precision", "fp32", "--teacher", tmp / "one", "--plots-dir", tmp_path / "plots"]
     one, two = together(lambda: run("distil", 3, *common, "--models-dir", tmp_path / "one"),
                         lambda: torchrun("distil", 3, *common, "--models-dir", tmp_path / "two"))
     ok(one), ok(two)
     name = "distil_tf1-bottom-base_3"
     a, b = tensors(tmp_path / "one" / name / "student.safetensors"), tensors(tmp_path / "two" / name / "student.safetensors")
-    assert max_diff(a, b) <= 1e-5
+    assert max_diff(a, b) <= 1e-4
     same_metrics(metrics(tmp_path / "one" / name / "metrics.jsonl"), metrics(tmp_path / "two" / name / "metrics.jsonl"))
 
 
