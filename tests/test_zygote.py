@@ -34,7 +34,8 @@ sys.exit(3)
 '''
 ENDINGS = {"raise": ('print("out")\nraise ValueError("boom")\n', 1),
            "message": ('import sys\nsys.exit("a message")\n', 1), "none": ("raise SystemExit\n", 0),
-           "atexit": ('import atexit, sys\natexit.register(lambda: print("at exit"))\nsys.exit(4)\n', 4)}
+           "atexit": ('import atexit, sys\natexit.register(lambda: print("at exit"))\nsys.exit(4)\n', 4),
+           "interrupt": ("raise KeyboardInterrupt\n", -2)}
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ What the child gets is what `subprocess.run([python, script, *args], ...)` gives
 (the caller's stdin, its own files for stdout and stderr, so what C code writes is there too), exactly the
 environment asked for (also at the C level), the working directory and umask, sys.argv and sys.path[0], a new
 `__main__` module, the exit status as the interpreter makes it (SystemExit's code, an uncaught exception as a
-traceback on stderr and 1), non-daemon threads joined and atexit handlers run, and a kill on timeout.
+traceback on stderr and 1, an uncaught KeyboardInterrupt by SIGINT), non-daemon threads joined and atexit handlers run, and a kill on timeout.
 
 Why it is faithful, and where it is used only: the server imports these modules and runs nothing else, so no torch
 op ran before a fork (no thread pool, the default generator untouched); it refuses to serve (the caller falls back to
@@ -15,13 +15,17 @@ a fresh interpreter) if the imports left it with more than one thread, as numpy'
 OMP_NUM_THREADS is not 1; variables that libraries read when imported (HF_HUB_OFFLINE, HF_HOME, OMP_NUM_THREADS,
 ...) were read with the server's environment, so a run whose environment differs from it beyond RUNTIME_ONLY
 is not forked (the caller starts a fresh interpreter); random is reseeded after a fork by Python itself and
-numpy's global generator here, as a fresh interpreter seeds them from the OS. What differs, and no test reads:
-the parent pid, the string hash seed (shared by the children of one server), and the modules already in sys.modules.
+numpy's and torch's default generators here, as a fresh interpreter seeds them from the OS; what the imports set
+in the environment (torch: TORCHINDUCTOR_CACHE_DIR) is set again. What differs, and no test reads: the parent pid,
+the string hash seed (shared by the children of one server), and the modules already in sys.modules, with what
+their imports did (sympy's 'once' warning filter in a run that would not have imported torch._dynamo).
+tests/test_zygote.py checks the rest against a fresh interpreter.
 
 Run as `python zygote.py SOCKET`: it answers on the Unix socket SOCKET until its stdin closes (its caller is gone).
 """
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -123,7 +127,7 @@ def run_script(path):
     except BaseException as e:  # noqa: BLE001 - the interpreter's own report; this frame is not the script's
         e.__traceback__ = e.__traceback__.tb_next
         sys.excepthook(type(e), e, e.__traceback__)
-        status = 1
+        status = -signal.SIGINT if isinstance(e, KeyboardInterrupt) else 1  # the interpreter ends by SIGINT then
     try:
         threading._shutdown()  # non-daemon threads, then atexit, as Py_FinalizeEx orders them
         atexit._run_exitfuncs()
@@ -131,6 +135,9 @@ def run_script(path):
         sys.stderr.flush()
     except SystemExit as e:
         status = exit_code(e.code)
+    if status == -signal.SIGINT:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
     return status
 
 
@@ -174,7 +181,6 @@ class Zygote:
     def run(self, argv, env, cwd, umask, timeout):
         """argv = [script, *args] run in a fork: a CompletedProcess as subprocess.run(..., capture_output=True,
         text=True, errors="replace") returns, or subprocess.TimeoutExpired after the child is killed."""
-        import signal
         import tempfile
         out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
         request = {"argv": [str(a) for a in argv], "env": env, "cwd": os.path.abspath(cwd),
