@@ -1,9 +1,11 @@
 """Shared fixtures: checkpoints that transformers itself writes (random weights), and the data in
 ../shared/data when it is there (tests that need it skip cleanly when it is not)."""
+import atexit
 import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -129,13 +131,37 @@ def make_adapter(base_dir, out_dir, kind, targets, feedforward=(), layernorms=Tr
 
 # --------------------------------------------------------------------------- the command line, as a user runs it
 
-def run(*args, env=None, cwd=ROOT, launcher=(), script=ROOT / "run.py", timeout=600, umask=-1):
+def run(*args, env=None, cwd=ROOT, launcher=(), script=ROOT / "run.py", timeout=600, umask=-1, fresh=False):
     """python [LAUNCHER] run.py ARGS (from the repository root unless cwd is given), offline; returns the
-    CompletedProcess. launcher: e.g. ("-m", "torch.distributed.run", ...) for torchrun. umask: the process's."""
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-                "OMP_NUM_THREADS": THREADS, **(env or {})}  # one thread: tiny models, and no oversubscription
+    CompletedProcess. launcher: e.g. ("-m", "torch.distributed.run", ...) for torchrun. umask: the process's.
+    `python run.py` itself (no launcher, no other script) is a fork of this process's fork server (tests/zygote.py:
+    the same process, less the 4 s of imports), unless fresh=True, the environment differs from the server's where
+    a library reads it when imported, or FORK_SERVER=0: then a new interpreter, as always for torchrun."""
+    full_env = {**os.environ, **RUN_ENV, **(env or {})}
+    if not (fresh or launcher) and Path(script) == ROOT / "run.py" and Path(cwd).is_dir():
+        server = fork_server()
+        if server is not None and server.usable(full_env):
+            return server.run([script, *args], full_env, cwd, umask, timeout)
     return subprocess.run([sys.executable, *launcher, str(script), *map(str, args)], cwd=cwd, env=full_env,
                           capture_output=True, text=True, errors="replace", timeout=timeout, umask=umask)
+
+
+RUN_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "OMP_NUM_THREADS": THREADS}  # one thread: tiny models, and no oversubscription
+_server, _server_lock = [], threading.Lock()
+
+
+def fork_server():
+    """This process's fork server (tests/zygote.py), started on first use with run()'s environment; None with
+    FORK_SERVER=0."""
+    if os.environ.get("FORK_SERVER", "1") == "0":
+        return None
+    with _server_lock:
+        if not _server:
+            from zygote import Zygote
+            _server.append(Zygote({**os.environ, **RUN_ENV}))
+            atexit.register(_server[0].close)
+        return _server[0]
 
 
 def run_here(*args, env=None, cwd=ROOT):
@@ -158,8 +184,7 @@ def run_here(*args, env=None, cwd=ROOT):
     import numpy as np
     import run as cli
     argv = [str(a) for a in args]
-    full_env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-                "OMP_NUM_THREADS": THREADS, **(env or {})}
+    full_env = {**RUN_ENV, **(env or {})}
     saved_env = {k: os.environ.get(k) for k in full_env}
     saved = (os.getcwd(), torch.get_num_threads(), torch.get_rng_state(), random.getstate(), np.random.get_state())
     out, err = io.StringIO(), io.StringIO()
@@ -233,11 +258,13 @@ def together(*calls):
 def lora_7(tiny_dir, tmp_path_factory):
     """`run.py LoRA 7` on the tiny model and 200 CoLA sentences (with --export-peft): the run of test_cli_lora and
     the teacher of test_cli_distil. With the same run again elsewhere, made at the same time (is it reproducible?):
-    (directory, the first run's process, the second's); the runs in out/ and again/out/."""
+    (directory, the first run's process, the second's); the runs in out/ and again/out/. The first is forked from the
+    fork server, the second a fresh interpreter (fresh=True): test_cli_lora's equal metrics and adapters hold across
+    the two."""
     tmp = tmp_path_factory.mktemp("lora-7")
     args = lambda where, *extra: ["LoRA", 7, "--model", tiny_dir, "--data-dir", COLA_DIR, "--limit-train", 200,
                                   "--epochs", 1, "--out-dir", where / "out", "--plots-dir", where / "plots", *extra]
-    first, again = together(lambda: run(*args(tmp, "--export-peft", tmp / "peft")), lambda: run(*args(tmp / "again")))
+    first, again = together(lambda: run(*args(tmp, "--export-peft", tmp / "peft")), lambda: run(*args(tmp / "again"), fresh=True))
     return tmp, ok(first), ok(again)
 
 

@@ -101,11 +101,12 @@ def test_corrupt_cache_is_recomputed_with_a_warning(students):
 
 def test_distil_with_alpha_zero_is_the_rnn_run(students):
     """Fairness: with the teacher's term off and no transfer set, distil and rnn train the same student
-    identically (same init, data order, dropout, schedule). The rnn run is the students' `rnn 7`: the same flags."""
+    identically (same init, data order, dropout, schedule). The rnn run is the students' `rnn 7`: the same flags.
+    This distil run is a fresh interpreter, the rnn run a fork of the fork server (conftest.run): equal across both."""
     models, plots, _, _ = students
     fair = models.parent / "fair"
     shutil.copytree(models / "LoRA_7", fair / "LoRA_7")
-    ok(run("distil", 7, "--models-dir", fair, "--plots-dir", plots.parent / "fair-plots", *SMALL, "--alpha", 0))
+    ok(run("distil", 7, "--models-dir", fair, "--plots-dir", plots.parent / "fair-plots", *SMALL, "--alpha", 0, fresh=True))
     assert metrics(fair / "distil_7") == metrics(models / "rnn_7")  # exactly: the same computation
 
 

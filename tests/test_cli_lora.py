@@ -156,7 +156,7 @@ def expected_probs(tiny_dir, adapter_dir, sentences):
 def test_predict_prints_a_verdict_per_sentence(lora_run, tiny_dir, tmp_path):
     tmp, _ = lora_run
     (tmp_path / "in.txt").write_text("\n".join(SENTENCES) + "\n\n")  # a blank line is not a sentence
-    proc = ok(run("predict", 7, "--adapter", tmp / "out", "--input", tmp_path / "in.txt"))
+    proc = ok(run("predict", 7, "--adapter", tmp / "out", "--input", tmp_path / "in.txt", fresh=True))  # a new interpreter
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == len(SENTENCES), proc.stdout
     for line, sentence, (label, prob) in zip(lines, SENTENCES, expected_probs(tiny_dir, tmp / "out", SENTENCES)):

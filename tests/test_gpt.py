@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import ROOT, THREADS, TINY, copy_checkpoint, needs_tokenizer, run_here, save_hf_gpt2, together
+from conftest import ROOT, TINY, copy_checkpoint, needs_tokenizer, run, run_here, save_hf_gpt2, together
 from model import padding_mask
 from utils import UserError, load_gpt
 
@@ -193,25 +193,20 @@ def test_distilgpt2_shape_loads(tmp_path):
 
 # --------------------------------------------------------------------------- the gen command
 
-def run_cli(*args, env=None):
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-    return subprocess.run([sys.executable, "run.py", *args], cwd=ROOT, capture_output=True, text=True,
-                          env=full_env, timeout=300)
-
-
-ONE_THREAD = {"OMP_NUM_THREADS": THREADS}  # runs made together: one core each (conftest)
 PROMPT = "The meaning of life is"
 
 
 @pytest.fixture(scope="module")
 def gen_runs(tiny_dir):
     """`gen` on the tiny model, made together: SR 12345 twice, SR 54321, SR 12345 with 4 samples, and 2 greedy
-    samples of SR 1: {name: CompletedProcess}."""
+    samples of SR 1: {name: CompletedProcess}. The first is a fresh interpreter, the others forks of the fork server
+    (conftest.run): the second's text equals the first's."""
     args = ["gen", "12345", "--model", str(tiny_dir), "--max-new-tokens", "20", "--prompt", PROMPT]
     runs = {"first": args, "second": args, "other": [*args[:1], "54321", *args[2:]],
             "four": [*args, "--num-samples", "4"], "greedy": ["gen", "1", "--model", str(tiny_dir), "--temperature", "0", "--num-samples", "2",
                        "--max-new-tokens", "8"]}
-    return dict(zip(runs, together(*(lambda a=a: run_cli(*a, env=ONE_THREAD) for a in runs.values()))))
+    return dict(zip(runs, together(*(lambda a=a, name=name: run(*a, fresh=name == "first")
+                                     for name, a in runs.items()))))
 
 
 @needs_tokenizer

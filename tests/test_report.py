@@ -25,10 +25,10 @@ def runs(tiny_dir, tmp_path_factory):
     for proc in together(
             lambda: run("LoRA", 5, "--model", tiny_dir, *SMALL, "--out-dir", models / "LoRA_5", *where),
             lambda: run("sweep", 5, "--model", tiny_dir, *SMALL[:4], "--epochs", 1, "--configs", configs,
-                        "--models-dir", models, *where)):
+                        "--models-dir", models, *where, fresh=True)):
         ok(proc)
     ok(run("distil", 5, "--models-dir", models, *STUDENT, *where))
-    ok(run("rnn", 5, "--models-dir", models, *STUDENT, *where))
+    ok(run("rnn", 5, "--models-dir", models, *STUDENT, *where, fresh=True))  # sweep, rnn: new interpreters
     return tmp, models, plots
 
 
@@ -38,14 +38,14 @@ def tiny_name(config):
 
 def report(tmp, models, plots, sr=5, out="reports", how=run_here):
     """`run.py report SR` into tmp/out: (process, report_SR.md, report_SR.html). The report reads runs and writes two
-    files, nothing else: made in this process (run_here) unless how=run (the first test's, in a process of its own)."""
+    files, nothing else: made in this process (run_here) unless how is run (the first test's: a fresh interpreter)."""
     proc = ok(how("report", sr, "--models-dir", models, "--plots-dir", plots, "--out-dir", tmp / out))
     return proc, (tmp / out / f"report_{sr}.md").read_text(), (tmp / out / f"report_{sr}.html").read_text()
 
 
 def test_report_has_every_section_and_the_run_files_figures(runs):
     tmp, models, plots = runs
-    proc, md, page = report(*runs, how=run)
+    proc, md, page = report(*runs, how=lambda *args: run(*args, fresh=True))
     assert "report: " in proc.stdout and "missing:" not in proc.stdout and "warning:" not in proc.stdout
     for heading in ("# Report: SR 5", "## Fine-tuning with adapters", "### LoRA_5",
                     "## Distillation: teacher, KD students and scratch students", "### distil_5", "### distil_6",
