@@ -153,8 +153,9 @@ _server, _server_lock = [], threading.Lock()
 
 def fork_server():
     """This process's fork server (tests/zygote.py), started on first use with run()'s environment; None with
-    FORK_SERVER=0."""
-    if os.environ.get("FORK_SERVER", "1") == "0":
+    FORK_SERVER=0, and off Linux (the server counts its threads in /proc and talks over SOCK_SEQPACKET, which
+    macOS lacks): fresh interpreters there."""
+    if os.environ.get("FORK_SERVER", "1") == "0" or not sys.platform.startswith("linux"):
         return None
     with _server_lock:
         if not _server:
