@@ -15,6 +15,7 @@ import torch
 
 from backbones import load_any_tokenizer, load_classifier, load_language_model, weight_files
 from data import IGNORE, Examples, augment, encode_task, lm_prompts, lm_sentence, task_data
+from flags import named_layers
 from generate import sample_seed
 from machine import autocast_dtype, broadcast_object, cpu_has_bf16, environment, is_main, pick_device, seed_everything
 from model import GPT, DistilRNN, RNNConfig, adapter_modules, merge_adapters, pca_embeddings, sample_next
@@ -281,9 +282,9 @@ def check_student_flags(args, distil):
         raise UserError(f"--transfer-lm {args.transfer_lm}: give a number of sentences to sample per training "
                         f"sentence, 0 or more.")
     kind = args.student
-    named = args.student_init not in ("bottom", "every")  # the layers by index: K is their number
+    named = named_layers(args.student_init)  # the layers by index: K is their number
     if named and kind == "transformer":
-        k = args.student_init.count(",") + 1
+        k = len(named)
         if args.student_layers not in (None, k):
             raise UserError(f"--student-layers {args.student_layers} with --student-init {args.student_init}, which "
                             f"names {k} layers: give one of the two, or the same number.")
@@ -533,8 +534,8 @@ def student_tag(args):
     distil_tf6-layers0-1-2-3-16-17-base_<seed>)."""
     if args.student != "transformer":
         return ""
-    init = args.student_init if args.student_init in ("bottom", "every") else \
-        "layers" + args.student_init.replace(",", "-")  # tf6-layers0-1-2-3-16-17-base
+    named = named_layers(args.student_init)
+    init = "layers" + "-".join(map(str, named)) if named else args.student_init  # tf6-layers0-1-2-3-16-17-base
     return f"tf{args.student_layers}-{init}-{args.student_from}"
 
 

@@ -37,15 +37,20 @@ def positive(kind):
     return parse
 
 
+def named_layers(init):
+    """The teacher's layer indices a --student-init value names ("0,1,2,3,16,17"), or None for bottom and every."""
+    return None if init in ("bottom", "every") else [int(i) for i in init.split(",")]
+
+
 def student_init(text):
     """--student-init: bottom, every, or the teacher's layer indices themselves, comma-separated and rising
     ("0,1,2,3,16,17"), kept as that text."""
-    if text in ("bottom", "every"):
-        return text
     try:
-        layers = [int(x) for x in text.split(",")]
+        layers = named_layers(text)
     except ValueError:
-        layers = None
+        layers = []
+    if layers is None:
+        return text
     if not layers or min(layers) < 0 or layers != sorted(set(layers)):
         raise argparse.ArgumentTypeError(f"expected bottom, every, or the teacher's layer indices, rising and "
                                          f"comma-separated (0,1,2,3,16,17), got {text!r}")

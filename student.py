@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from flags import named_layers
 from model import GPTClassifier, GPTConfig, remove_adapters
 from utils import UserError
 
@@ -43,8 +44,8 @@ def pick_layers(n_teacher, k, init):
     embeddings), or the layers named in init ("0,1,2,3,16,17")."""
     if init == "bottom":
         return list(range(k))
-    if init != "every":
-        layers = [int(i) for i in init.split(",")]
+    layers = named_layers(init)
+    if layers:
         if layers[-1] >= n_teacher:
             raise UserError(f"--student-init {init}: the teacher has layers 0 to {n_teacher - 1}; name layers among "
                             f"those.")
