@@ -21,6 +21,7 @@ from backbones import load_classifier  # noqa: E402
 from data import load_cola  # noqa: E402
 from model import merge_adapters  # noqa: E402
 from student import keep_layers  # noqa: E402
+from train_utils import classification_metrics  # noqa: E402
 from utils import attach_adapter, read_adapter  # noqa: E402
 
 
@@ -42,13 +43,6 @@ def features(hf, tok, texts, batch_size=64):
     return torch.stack(last), torch.stack(mean)
 
 
-def mcc(pred, y):
-    tp, tn = ((pred == 1) & (y == 1)).sum().item(), ((pred == 0) & (y == 0)).sum().item()
-    fp, fn = ((pred == 1) & (y == 0)).sum().item(), ((pred == 0) & (y == 1)).sum().item()
-    d = ((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)) ** 0.5
-    return (tp * tn - fp * fn) / d if d else 0.0
-
-
 def probe(x, y, x_dev, y_dev):
     mu, sd = x.mean(0), x.std(0) + 1e-6
     x, x_dev = (x - mu) / sd, (x_dev - mu) / sd
@@ -63,7 +57,7 @@ def probe(x, y, x_dev, y_dev):
             loss.backward()
             return loss
         opt.step(closure)
-        best = max(best, mcc(((x_dev @ w + b) > 0).long(), y_dev))
+        best = max(best, classification_metrics(((x_dev @ w + b) > 0).long(), y_dev)["mcc"])
     return best
 
 
