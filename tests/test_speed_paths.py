@@ -154,3 +154,67 @@ def test_attention_in_blocks_is_the_whole_attention(masked, monkeypatch):
     assert torch.allclose(model.attention_with_dropout(q, k, v, mask, 1e-9), want, atol=1e-6)
     y = model.attention_with_dropout(q, k, v, mask, 0.5)
     assert y.shape == want.shape and torch.isfinite(y).all()
+
+
+def packed_batch():
+    """A right-padded batch of four rows (11, 5, 7 and 1 real tokens), packed."""
+    mask = torch.zeros(4, 11, dtype=torch.long)
+    for row, length in enumerate([11, 5, 7, 1]):
+        mask[row, :length] = 1
+    return model.Packing(mask)
+
+
+def unpacked_attention(qkv, packing, n_head, p):
+    """PackedAttention's reference: unpack, attention_with_dropout on autograd's own, pack again."""
+    B, T = packing.B, packing.T
+    q, k, v = (t.view(B, T, n_head, -1).transpose(1, 2) for t in packing.unpack(qkv).chunk(3, -1))
+    return packing.pack(model.attention_with_dropout(q, k, v, None, p).transpose(1, 2).reshape(B, T, -1))
+
+
+@pytest.mark.parametrize("block", [256, 4])
+def test_packed_attention_is_attention_with_dropout_and_keeps_the_packed_qkv(block, monkeypatch):
+    """The same output as attention_with_dropout on the unpacked q, k, v (same draws, bit for bit), the same
+    gradient, in one block or several; for the backward it keeps the packed qkv itself (no copy), the softmax
+    weights and the byte masks: nothing in the padded layout of q, k or v."""
+    monkeypatch.setattr(model, "ATTENTION_BLOCK", block)
+    packing = packed_batch()
+    torch.manual_seed(0)
+    qkv = torch.randn(24, 3 * 3 * 8, requires_grad=True)  # 24 real tokens, 3 heads of 8
+    saved = []
+    torch.manual_seed(7)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = model.PackedAttention.apply(qkv, packing, 3, 0.3)
+    grad = torch.randn_like(y)
+    got, = torch.autograd.grad(y, qkv, grad)
+    torch.manual_seed(7)
+    want = unpacked_attention(qkv, packing, 3, 0.3)
+    assert torch.equal(y, want)
+    assert torch.allclose(got, torch.autograd.grad(want, qkv, grad)[0], atol=1e-6)
+    assert saved[0].data_ptr() == qkv.data_ptr()
+    blocks = [(s, min(11, s + block)) for s in range(0, 11, block)]
+    assert [(t.dtype, tuple(t.shape)) for t in saved[1:]] == \
+        [(torch.float32, (4, 3, e - s, e)) for s, e in blocks] + [(torch.uint8, (4, 3, e - s, e)) for s, e in blocks]
+
+
+def test_a_packed_training_step_takes_packed_attention_with_the_same_result(monkeypatch):
+    """A GPT-2 classifier in training on a padded batch goes through PackedAttention, and its gradients are
+    those of the same step with attention_with_dropout in its place (same seed, same draws)."""
+    torch.manual_seed(0)
+    config = model.GPTConfig(n_layer=2, n_head=2, n_embd=16, vocab_size=50, block_size=32)
+    net = model.GPTClassifier(config, num_labels=2).train()
+    ids, mask = torch.randint(0, 50, (3, 9)), torch.ones(3, 9, dtype=torch.long)
+    mask[1, 5:], mask[2, 2:] = 0, 0
+
+    def step():
+        net.zero_grad()
+        torch.manual_seed(5)
+        F.cross_entropy(net(ids, mask), torch.tensor([0, 1, 1])).backward()
+        return [p.grad.clone() for p in net.parameters()]
+
+    calls, real = [], model.PackedAttention.apply
+    monkeypatch.setattr(model.PackedAttention, "apply", lambda *a: calls.append(a[2]) or real(*a))
+    got = step()
+    assert calls == [2, 2]  # each layer's attention, with its two heads
+    monkeypatch.setattr(model.PackedAttention, "apply", unpacked_attention)
+    want = step()
+    assert all(torch.allclose(g, w, atol=1e-6) for g, w in zip(got, want))
