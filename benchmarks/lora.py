@@ -42,6 +42,8 @@ def lora_worker(side, args, ckpt):
         step(batch)
     work = batches[args.warmup:]
     result = time_training(side, model, step, work, diagnostics=kind in ("", "long"))
+    if not kind:
+        result["saved_mb"] = saved_activations_mb(model, side, max(work, key=lambda b: b["input_ids"].numel()))
     if side == "ours" and not kind:
         result.update(time_evaluation(args, model, work))
     print(json.dumps(result))
@@ -54,6 +56,23 @@ def train_step(model, side, params, opt, batch):
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
+
+
+def saved_activations_mb(model, side, batch):
+    """What autograd keeps for the backward of one training forward of `batch`, in MB: the tensors handed to
+    torch.autograd.graph.saved_tensors_hooks, each storage counted once, the model's own weights not at all."""
+    weights = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    kept = {}
+
+    def keep(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        logits(model, side, batch)
+    return sum(kept.values()) / 2 ** 20
 
 
 @contextmanager
@@ -87,6 +106,7 @@ def time_training(side, model, step, work, diagnostics=True):
     result = {"side": side, "train_s": sum(step_s), "sentences": sum(len(b["labels"]) for b in work),
               "real_tokens": sum(int(b["attention_mask"].sum()) for b in work),
               "padded_tokens": sum(b["input_ids"].numel() for b in work),
+              "padded_tokens_max": max(b["input_ids"].numel() for b in work),
               "attention_scores": sum(b["input_ids"].shape[0] * b["input_ids"].shape[1] ** 2 for b in work),
               "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # KB on Linux
     if side == "ours" and diagnostics:
@@ -145,6 +165,10 @@ def bench_lora(args, ckpt):
     print(f"lora peak memory: ours {ours['max_rss_mb']:.0f} MB | transformers+peft {peft['max_rss_mb']:.0f} MB | "
           f"ratio {ours['max_rss_mb'] / peft['max_rss_mb']:.2f}x (target <= 0.45x) (ru_maxrss of each side's own "
           f"process: loading the model, then training)")
+    batch = max(ours["padded_tokens_max"], 1)
+    print(f"lora saved activations (what autograd keeps for the backward of the largest batch, {batch} token "
+          f"places with the padding, by torch.autograd.graph.saved_tensors_hooks): ours {ours['saved_mb']:.0f} MB | "
+          f"transformers+peft {peft['saved_mb']:.0f} MB | ratio {ours['saved_mb'] / peft['saved_mb']:.2f}x")
     m = ours["eval_sentences"]
     um_sps, m_sps = m / ours["eval_unmerged_s"], m / ours["eval_merged_s"]
     print(f"lora eval (ours, eval mode, no_grad, {args.eval_batches} of the same batches {args.eval_repeats} times, "
