@@ -124,7 +124,7 @@ def _weight_first(x, w, b):
         x = torch.cat([x, x.new_zeros(1, x.shape[1])])
     y = torch.addmm(b[:, None], w, x.t()) if b is not None else w @ x.t()
     # Contiguous rows, as the other paths give: strided ones would send attention's q (from c_attn) down SDPA's
-    # math path (its flash kernel wants the last stride 1): 160 against 35 us a layer and token.
+    # math path (its flash kernel wants the last stride 1): 157 against 77 us a call in a profile of decoding.
     return y.t()[:rows].contiguous()
 
 
@@ -305,6 +305,8 @@ class CausalSelfAttention(nn.Module):
         prefix: None or a (k, v) pair (B, nh, P, hs) of keys and values before the tokens' own (prefix tuning)."""
         qkv = self.c_attn(x)
         dropout = self.dropout if self.training else 0.0
+        # Training with dropout on the CPU, packed: PackedAttention, which keeps less for the backward. Below, the
+        # rest: inference, no dropout, other devices, caches and prefixes.
         if packing is not None and 0 < dropout < 1 and qkv.device.type == "cpu" and cache is None and prefix is None:
             return self.resid_dropout(self.c_proj(PackedAttention.apply(qkv, packing, self.n_head, dropout)))
         if packing is not None:
@@ -364,12 +366,13 @@ def attention_with_dropout(q, k, v, mask, p):
 
 class PackedAttention(torch.autograd.Function):
     """Causal attention with dropout over a packed batch (Packing), in training on the CPU: what
-    attention_with_dropout computes on the unpacked q, k and v, with the same draws, and what it keeps for the
-    backward is less. Autograd would keep q, k and v in the padded (B, T) layout, as bmm's copies (three
-    B x T x C tensors: a CoLA batch of 32 is mostly padding), the softmax's weights and the dropped-out weights
-    besides; this keeps the packed qkv (N x 3C, the real tokens: c_attn's own output, no copy), the weights and
-    the dropout's byte mask, and in the backward unpacks qkv again and multiplies weights by mask again. On a
-    CoLA batch of 32 x 29 tokens (329 real) in GPT-2: 128 of the 344 MB a training step keeps, to 46 MB.
+    attention_with_dropout computes for plain causal attention (mask None) on the unpacked q, k and v, with the
+    same draws, and what it keeps for the backward is less. Autograd would keep q, k and v in the padded (B, T)
+    layout, as bmm's copies (a CoLA batch of 32 is mostly padding), the softmax's weights and the dropped-out
+    weights besides; this keeps the packed qkv (N x 3C, the real tokens: c_attn's own output, no copy), the
+    weights and the dropout's byte mask, and in the backward unpacks qkv again and multiplies weights by mask
+    again. On a CoLA batch of 32 x 29 tokens (329 real) in GPT-2: a layer keeps 4.4 MiB instead of 13.8, a
+    training step 231 MB instead of 344. Differentiable once (a second derivative raises).
     qkv: (N, 3C) -> (N, C)."""
 
     @staticmethod
@@ -390,22 +393,24 @@ class PackedAttention(torch.autograd.Function):
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cpu")
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         qkv, *saved = ctx.saved_tensors
         weights, keeps = saved[:len(saved) // 2], saved[len(saved) // 2:]
         q, k, v = _heads(ctx.packing.unpack(qkv), ctx.n_head)
         B, nh, T, hs = q.shape
         dy = ctx.packing.unpack(grad).view(B, T, nh, hs).transpose(1, 2)
-        dq, dk, dv = (torch.zeros_like(q) for _ in range(3))
+        dqkv = qkv.new_zeros(B, T, qkv.shape[-1])  # the gradient in qkv's own layout: no shuffle after
+        dq, dk, dv = _heads(dqkv, nh)
         scale, factor = 1.0 / math.sqrt(hs), 1.0 / (1.0 - ctx.p)
-        for (s, e, _), w, keep in zip(_causal_blocks(T, q.device, biases=False), weights, keeps):
+        for s, w, keep in zip(range(0, T, ATTENTION_BLOCK), weights, keeps):
+            e = s + w.shape[-2]  # queries s..e-1 saw the keys 0..e-1
             dv[..., :e, :] += ((w * keep).mul_(factor)).transpose(-2, -1) @ dy[..., s:e, :]
             dw = (dy[..., s:e, :] @ v[..., :e, :].transpose(-2, -1)).mul_(keep).mul_(factor)
-            ds = torch._softmax_backward_data(dw, w, -1, w.dtype).mul_(scale)
+            ds = w * (dw - (dw * w).sum(-1, keepdim=True)) * scale  # softmax's backward, then q k^T's scale
             dq[..., s:e, :] = ds @ k[..., :e, :]
             dk[..., :e, :] += ds.transpose(-2, -1) @ q[..., s:e, :]
-        dqkv = torch.stack([dq, dk, dv], 2)  # (B, nh, 3, T, hs) -> (B, T, 3, nh, hs), qkv's order
-        return ctx.packing.pack(dqkv.permute(0, 3, 2, 1, 4).reshape(B, T, 3 * nh * hs)), None, None, None
+        return ctx.packing.pack(dqkv), None, None, None
 
 
 def _heads(qkv, n_head):
@@ -414,12 +419,12 @@ def _heads(qkv, n_head):
     return qkv.view(B, T, 3, n_head, C3 // (3 * n_head)).permute(2, 0, 3, 1, 4).unbind(0)
 
 
-def _causal_blocks(T, device, biases=True):
+def _causal_blocks(T, device):
     """attention_with_dropout's blocks of queries for plain causal attention: (start, end, bias), where the
-    queries start..end-1 see the keys 0..end-1 and bias (0 or -inf, None when not asked for) masks the later ones."""
+    queries start..end-1 see the keys 0..end-1 and bias (0 or -inf) masks the later ones."""
     for s in range(0, T, ATTENTION_BLOCK):
         e = min(T, s + ATTENTION_BLOCK)
-        yield s, e, _bias(torch.ones(e - s, e, dtype=torch.bool, device=device).tril_(s)) if biases else None
+        yield s, e, _bias(torch.ones(e - s, e, dtype=torch.bool, device=device).tril_(s))
 
 
 def _bias(mask):
@@ -498,7 +503,7 @@ class Packing:
 
     def unpack(self, x):
         """(N, D) -> (B, T, D), zeros at the pads."""
-        full = x.new_zeros(self.B * self.T, x.shape[-1])  # index_put_, not index_copy_: autograd keeps x for that
+        full = x.new_zeros(self.B * self.T, x.shape[-1])  # index_put_'s backward keeps the index, index_copy_'s x too
         return full.index_put_((self.index,), x).view(self.B, self.T, -1)
 
 
