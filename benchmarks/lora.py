@@ -165,8 +165,8 @@ def bench_lora(args, ckpt):
     print(f"lora peak memory: ours {ours['max_rss_mb']:.0f} MB | transformers+peft {peft['max_rss_mb']:.0f} MB | "
           f"ratio {ours['max_rss_mb'] / peft['max_rss_mb']:.2f}x (target <= 0.45x) (ru_maxrss of each side's own "
           f"process: loading the model, then training)")
-    batch = max(ours["padded_tokens_max"], 1)
-    print(f"lora saved activations (what autograd keeps for the backward of the largest batch, {batch} token "
+    places = ours["padded_tokens_max"]
+    print(f"lora saved activations (what autograd keeps for the backward of the largest batch, {places} token "
           f"places with the padding, by torch.autograd.graph.saved_tensors_hooks): ours {ours['saved_mb']:.0f} MB | "
           f"transformers+peft {peft['saved_mb']:.0f} MB | ratio {ours['saved_mb'] / peft['saved_mb']:.2f}x")
     m = ours["eval_sentences"]
